@@ -48,7 +48,8 @@ def _rule_pieces(batch: ProblemBatch) -> list[pa.Array]:
     """Rule lines ``"\\n1. B = B + A"`` of every slot, with the section headers baked into each first line."""
     nested = (batch.phase == OUTER).any(axis=1)[:, None]
     outer = batch.phase == OUTER
-    number = np.where(outer, np.cumsum(outer, axis=1, dtype=np.int16), np.cumsum(~outer, axis=1, dtype=np.int16))  # 1-based, per phase
+    count = lambda mask: np.cumsum(mask, axis=1, dtype=np.int16)  # noqa: E731
+    number = np.where(outer, count(outer), count(~outer))  # 1-based position within its phase
     width, limit = batch.init.shape[1], int(batch.const.max()) + 1
     fields = (nested, outer, number, batch.op, batch.target, batch.source + 1, batch.const)
     radices = (2, 2, batch.op.shape[1] + 1, 6, width, width + 1, limit)
@@ -107,9 +108,14 @@ def base_prompts(question: pa.Array) -> pa.Array:
     return _concat(f"{BASE_PREAMBLE}User: ", question, "\nAssistant:")
 
 
+def states(values: np.ndarray, num_vars: np.ndarray, modulus: int) -> pa.Array:
+    """``format_state`` of every row of (B, V) ``values``: ``"A=1, B=2"``."""
+    return _concat(*_state_pieces(values, num_vars, modulus))
+
+
 def answers(batch: ProblemBatch) -> pa.Array:
-    """``Problem.answer()`` of every row: the final state, ``"A=1, B=2"``."""
-    return _concat(*_state_pieces(batch.final, batch.num_vars, batch.modulus))
+    """``Problem.answer()`` of every row: the final state."""
+    return states(batch.final, batch.num_vars, batch.modulus)
 
 
 def solutions(batch: ProblemBatch, answer: pa.Array | None = None) -> pa.Array:
