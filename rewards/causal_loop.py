@@ -36,7 +36,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-
 # One assignment and a whole answer. The grammar is unambiguous (a comma between items, digits never
 # matched by \s), so a backtracking engine still matches in linear time; the length cap bounds it further.
 _PAIR = r"([A-Za-z_][A-Za-z0-9_]{0,15})\s*=\s*(-?[0-9]{1,20})"
@@ -166,7 +165,7 @@ def compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos=
                          "pass one ground truth per response")
     cache: dict = {}
     scores = []
-    for response, truth in zip(solution_strs, ground_truths):
+    for response, truth in zip(solution_strs, ground_truths, strict=True):
         if type(truth) is dict:  # inlined _split_truth: this loop is the hot path of scoring
             scores.append(_score_one(response, truth.get("answer"), truth.get("initial"), cfg, cache))
         else:

@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout_vars", type=_int_range, help="MIN,MAX variables of test_more_vars (default: past train)")
     p.add_argument("--template", choices=TEMPLATES, default="chat", help="prompt for a chat template or a base model")
     p.add_argument("--allow_duplicates", action="store_true", help="keep duplicate problems within a split")
+    p.add_argument("--allow_trivial", action="store_true", default=None,
+                   help="keep problems whose answer is their initial state")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

@@ -44,6 +44,8 @@ class TaskConfig:
                    ops are drawn from their own group, so each group needs a positive weight.
     semantics:     which semantics to draw from (``simultaneous`` and/or ``sequential``).
     extra_self_rules: up to this many extra constant rules (``A = A * 3``) mixed into each problem.
+    allow_trivial: keep problems whose final state equals the initial state (about 0.4% with the
+                   defaults). Off by default: echoing the question would answer them.
     """
 
     levels: tuple[int, ...] = (1, 2, 3, 4)
@@ -61,6 +63,7 @@ class TaskConfig:
     )
     semantics: tuple[str, ...] = ("simultaneous", "sequential")
     extra_self_rules: int = 1
+    allow_trivial: bool = False
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalise list inputs (from YAML / CLI) to tuples through object.__setattr__.

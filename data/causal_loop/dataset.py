@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from data.causal_loop import render
 from data.causal_loop.config import MAX_VARS, TaskConfig
-from data.causal_loop.generator import ProblemBatch, canonical_keys, concat, sample
+from data.causal_loop.generator import ProblemBatch, canonical_keys, concat, nontrivial, sample
 
 DATA_SOURCE = "causal_loop"
 TEMPLATES = ("chat", "base")
@@ -37,7 +37,8 @@ def generate(cfg: TaskConfig, n: int, seed: int) -> ProblemBatch:
 
 def generate_unique(cfg: TaskConfig, n: int, rng: np.random.Generator, exclude: np.ndarray,
                     dedup: bool = True) -> tuple[ProblemBatch, np.ndarray]:
-    """n problems whose keys are not in ``exclude`` (sorted uint64) and, with ``dedup``, all distinct.
+    """n problems whose keys are not in ``exclude`` (sorted uint64) and, with ``dedup``, all distinct;
+    trivial ones (final state == initial state) only if ``cfg.allow_trivial``.
 
     Draws in rounds until n are found; fails with advice when the setting holds too few distinct
     problems (the reference's default sizes held only ~8.4K distinct problems in a 50K split).
@@ -50,6 +51,8 @@ def generate_unique(cfg: TaskConfig, n: int, rng: np.random.Generator, exclude: 
         drawn += want
         keys = canonical_keys(batch)
         keep = ~np.isin(keys, seen)
+        if not cfg.allow_trivial:
+            keep &= nontrivial(batch)
         if dedup:
             first = np.zeros(len(keys), bool)
             first[np.unique(keys, return_index=True)[1]] = True
@@ -158,7 +161,7 @@ class ProblemStream:
 
     Chunk c is drawn from ``default_rng([seed, c])``, so the stream is the same however it is
     consumed, and a restored state continues exactly where it stopped. Problems whose key is in
-    ``exclude_keys`` (the test splits) are never produced.
+    ``exclude_keys`` (the test splits) are never produced, nor trivial ones unless the config allows.
     """
 
     def __init__(self, cfg: TaskConfig, seed: int = 0, chunk_size: int = 4096, exclude_keys: np.ndarray | None = None):
@@ -172,7 +175,10 @@ class ProblemStream:
     def _load_chunk(self) -> ProblemBatch:
         if self._buffer is None:
             batch = sample(self.cfg, self.chunk_size, np.random.default_rng([self.seed, self.chunk]))
-            self._buffer = batch.take(~np.isin(canonical_keys(batch), self.exclude))
+            keep = ~np.isin(canonical_keys(batch), self.exclude)
+            if not self.cfg.allow_trivial:
+                keep &= nontrivial(batch)
+            self._buffer = batch.take(keep)
         return self._buffer
 
     def next_batch(self, n: int) -> ProblemBatch:

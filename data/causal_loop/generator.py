@@ -320,6 +320,11 @@ def simulate(batch: ProblemBatch) -> ProblemBatch:
     return batch
 
 
+def nontrivial(batch: ProblemBatch) -> np.ndarray:
+    """(B,) bool: the final state differs from the initial state (else echoing the question answers it)."""
+    return (batch.final != batch.init).any(axis=1)
+
+
 # ---- canonical keys ----------------------------------------------------------------------------------
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)

@@ -18,9 +18,9 @@ from data.causal_loop import (
     generate,
     generate_unique,
     heldout_configs,
+    render,
     to_table,
 )
-from data.causal_loop import render
 from data.causal_loop.config import ADD_CONST, ADD_SOURCE, COND_INC, COPY, MODULO, MULTIPLY
 
 
@@ -201,6 +201,18 @@ def test_duplicates_can_be_allowed_but_never_across_splits():
     train_keys = splits["train"][1]
     assert len(np.unique(train_keys)) < len(train_keys)  # a tiny space: duplicates were kept
     assert not set(train_keys.tolist()) & set(splits["test"][1].tolist())
+
+
+def test_trivial_problems_are_dropped_unless_allowed():
+    # Fixed points (final state == initial state) are answered by echoing the question.
+    cfg = TaskConfig(levels=(1,), num_vars=(2, 2), num_steps=(1, 1), init_values=(0, 2), extra_self_rules=0)
+    batch, _ = generate_unique(cfg, 100, np.random.default_rng(0), np.zeros(0, np.uint64))
+    assert (batch.final != batch.init).any(axis=1).all()
+    stream = ProblemStream(cfg, seed=0, chunk_size=64).next_batch(200)
+    assert (stream.final != stream.init).any(axis=1).all()
+    allowed, _ = generate_unique(cfg.replace(allow_trivial=True), 100, np.random.default_rng(0),
+                                 np.zeros(0, np.uint64))
+    assert (allowed.final == allowed.init).all(axis=1).any()
 
 
 def test_too_small_a_setting_fails_with_advice():

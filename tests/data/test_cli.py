@@ -83,7 +83,7 @@ def test_config_file_and_unknown_fields(tmp_path):
 def test_parquet_write_is_atomic(tmp_path):
     target = tmp_path / "train.parquet"
     target.write_text("previous good file")
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError):
         write_parquet("not a table", target)  # fails inside the writer
     assert target.read_text() == "previous good file"
     assert [p.name for p in tmp_path.iterdir()] == ["train.parquet"]  # no temporary left behind
