@@ -1,0 +1,35 @@
+"""The PPO critic: a value per token for our model and the Qwen2 baseline; gradients; save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import models
+from models import ValueHeadModel
+
+
+@pytest.mark.parametrize("group", models.GROUPS)
+def test_values_per_token_gradients_and_round_trip(group, tmp_path):
+    torch.manual_seed(0)
+    critic = ValueHeadModel(AutoModelForCausalLM.from_config(models.tiny_config(group)))
+    ids = torch.randint(1, 128, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    values, aux = critic(ids, attention_mask=mask)
+    assert values.shape == (2, 9)
+    assert (aux is None) == (group in ("baseline", "mla_only"))
+    (values[mask.bool()].sum() + (aux if aux is not None else 0)).backward()
+    assert critic.v_head.weight.grad.abs().sum() > 0
+    assert critic.lm.lm_head.weight.grad is not None  # tied to the embeddings, which the backbone uses
+    critic.save_pretrained(tmp_path)
+    loaded = ValueHeadModel.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, attention_mask=mask)[0], critic(ids, attention_mask=mask)[0])
+
+
+def test_fresh_head_when_only_an_lm_checkpoint_exists(tmp_path):
+    AutoModelForCausalLM.from_config(models.tiny_config("mla_only")).save_pretrained(tmp_path)
+    critic = ValueHeadModel.from_pretrained(tmp_path)
+    assert critic(torch.randint(1, 128, (1, 5)))[0].shape == (1, 5)
