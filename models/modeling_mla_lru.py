@@ -107,9 +107,17 @@ class LatentReasoningUnit(nn.Module):
             return LRUState(zeros(b, self.iterations, self.kernel - 1, c))
         return LRUState(zeros(b, self.iterations, self.kernel - 1, c), zeros(b, self.iterations, c), zeros(b))
 
-    def _step(self, h: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-        """One GRU-style refinement of h (B, T, C) given its causal window (B, W-1+T, C)."""
-        mixed = self.conv(window.transpose(1, 2)).transpose(1, 2)  # (B, T, C)
+    def _step(self, h: torch.Tensor, window: torch.Tensor, running: torch.Tensor) -> torch.Tensor:
+        """One refinement of the running positions of h (B, T, C), given its causal window (B, W-1+T, C).
+        Halted positions and pads come back unchanged and cost nothing: only running rows go through the
+        gates, so adaptive halting saves the work of the iterations it skips."""
+        mixed = self.conv(window.transpose(1, 2)).transpose(1, 2)  # (B, T, C), depthwise: cheap
+        if bool(running.all()):
+            return self._gru(h, mixed)
+        rows = running.nonzero(as_tuple=True)
+        return h.index_put(rows, self._gru(h[rows], mixed[rows]))
+
+    def _gru(self, h: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
         z, r = torch.sigmoid(self.gates(torch.cat([h, mixed], dim=-1))).chunk(2, dim=-1)
         candidate = torch.tanh(self.candidate(torch.cat([r * h, mixed], dim=-1)))
         return (1 - z) * h + z * candidate
@@ -142,13 +150,17 @@ class LatentReasoningUnit(nn.Module):
         iterations, remainder = latent.new_zeros(b, t), latent.new_zeros(b, t)
         probs = latent.new_zeros(b, t, self.iterations)
         states = [h] if return_states else None
-        first_step = last_step = None
+        first_step, last_step = latent.new_zeros(b, t), latent.new_zeros(b, t)
         for k in range(self.iterations):
             window = torch.cat([state.conv[:, k], h], dim=1)  # (B, W-1+T, C)
             new_state.conv[:, k] = window[:, window.shape[1] - (self.kernel - 1):]
-            h_new = torch.where(running[..., None], self._step(h, window), h)  # halted positions stay frozen
+            if not bool(running.any()):  # everything halted: the remaining iterations change nothing
+                if return_states:
+                    states.append(h)
+                continue
+            h_new = self._step(h, window, running)  # halted positions stay frozen
             step = (h_new - h).norm(dim=-1)  # (B, T)
-            first_step = step if first_step is None else first_step
+            first_step = step if k == 0 else first_step
             if self.adaptive:
                 p = self._halting_probability(h_new, k, valid, state, new_state)
                 probs[..., k] = torch.where(running, p, torch.zeros_like(p))
@@ -163,7 +175,7 @@ class LatentReasoningUnit(nn.Module):
             output = output + weight[..., None] * h_new
             weights[..., k] = weight
             iterations = iterations + running.to(latent.dtype)
-            last_step = torch.where(halts, step, step if last_step is None else last_step)
+            last_step = torch.where(halts, step, last_step)
             running = running & ~halts
             h = h_new
             if return_states:
