@@ -259,6 +259,18 @@ def test_greedy_generate_equals_argmax_of_full_forward(group):
     assert torch.equal(generated, seq)
 
 
+@pytest.mark.parametrize("group", ["mla_lru_adaptive", "baseline"])
+def test_beam_search_with_cache_equals_without(group):
+    # Beams reorder the cache every step: the LRU state must follow its sequences (LatentCache.reorder_cache).
+    model = build(group, lru_global_halting=0.5) if group != "baseline" else build(group)
+    ids, mask, _ = left_padded_batch(seed=5, t=6)
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = model.generate(ids, use_cache=True, **kwargs)
+        uncached = model.generate(ids, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+
+
 def test_sampling_options_eos_and_stop_strings(tmp_path):
     from tokenizers import Tokenizer, decoders, pre_tokenizers
     from tokenizers import models as tok_models
