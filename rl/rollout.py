@@ -1,0 +1,177 @@
+"""The ``torch`` rollout backend: batched, KV-cached sampling with token logprobs. No Ray here.
+
+    engine = TorchRolloutEngine(model, pad_token_id=0)
+    batch = engine.generate(prompts, SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=64, n=4),
+                            seeds=[0, 1, 2])
+    engine.load_weights(trainer_state_dict)
+
+The backend interface is two methods, ``generate`` and ``load_weights``, so another backend (vLLM)
+drops in. Logprobs are those of softmax(logits / temperature), the distribution the PPO ratio is taken
+under (as verl does); top-k, top-p and the repetition penalty (``transformers``' own logits processors)
+shape sampling only. Each prompt's samples come from its own seeded generator (Gumbel-max sampling),
+so they do not depend on which other prompts share the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from rl.core import logprobs_from_logits
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 is greedy. top_k 0 and top_p 1 are off. stop_token_ids end a response (kept in it)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 64
+    n: int = 1
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        checks = [(self.temperature >= 0, "temperature must be >= 0 (0 = greedy)"),
+                  (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
+                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+                  (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off)"),
+                  (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"), (self.n >= 1, "n must be >= 1")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"SamplingParams: {message}; got {self}")
+
+
+@dataclass
+class RolloutBatch:
+    """Responses to B prompts x n samples (rows grouped by prompt: prompt i's samples are rows i*n … i*n+n-1)."""
+
+    prompt_ids: torch.Tensor  # (B*n, P) left-padded
+    prompt_mask: torch.Tensor  # (B*n, P) 1 on real prompt tokens
+    response_ids: torch.Tensor  # (B*n, R) right-padded with pad_token_id
+    response_mask: torch.Tensor  # (B*n, R) 1 on generated tokens (the stop token included)
+    logprobs: torch.Tensor  # (B*n, R) fp32 log softmax(logits / temperature) of each generated token, 0 on pads
+    prompt_index: torch.Tensor  # (B*n,) which prompt each row answers
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(1)
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids, mask), both (B, max length), padded on the left as batched generation needs."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(seq)
+        mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def _generator(seed: int, sample: int) -> torch.Generator:
+    digest = hashlib.blake2b(f"{seed}:{sample}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+class TorchRolloutEngine:
+    def __init__(self, model: torch.nn.Module, pad_token_id: int):
+        self.model = model.eval()
+        self.pad_token_id = pad_token_id
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Take the trainer's weights (all of them: a missing or unexpected key is an error)."""
+        self.model.load_state_dict(state_dict, strict=True)
+
+    def _processors(self, params: SamplingParams) -> LogitsProcessorList:
+        processors = LogitsProcessorList()
+        if params.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+        if params.top_k > 0:
+            processors.append(TopKLogitsWarper(params.top_k))
+        if params.top_p < 1.0:
+            processors.append(TopPLogitsWarper(params.top_p))
+        return processors
+
+    def _new_cache(self):
+        from models import LatentCache, LatentReasoningForCausalLM  # here: rl depends on models, not at import
+
+        return LatentCache(config=self.model.config) if isinstance(self.model, LatentReasoningForCausalLM) else None
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 seeds: list[int] | None = None) -> RolloutBatch:
+        """Sample ``params.n`` responses to every prompt (token id lists)."""
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
+        device = next(self.model.parameters()).device
+        index = torch.arange(len(prompts)).repeat_interleave(params.n)
+        ids, mask = left_pad([prompts[i] for i in index.tolist()], self.pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
+        rows = ids.shape[0]
+        generators = None
+        if params.temperature > 0:
+            seeds = seeds if seeds is not None else torch.randint(0, 2**31, (len(prompts),)).tolist()
+            generators = [_generator(seeds[i], k % params.n) for k, i in enumerate(index.tolist())]
+        processors = self._processors(params)
+        stop = torch.tensor(list(params.stop_token_ids), dtype=torch.long, device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(ids, attention_mask=mask, position_ids=positions, past_key_values=self._new_cache(),
+                         use_cache=True, logits_to_keep=1)
+        sequence, attention, position = ids, mask, positions[:, -1:]
+        tokens, logprobs, alive = [], [], []
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        for _ in range(params.max_new_tokens):
+            logits = out.logits[:, -1].float()  # (rows, V)
+            scaled = logits / params.temperature if params.temperature > 0 else logits
+            if generators is None:
+                token = processors(sequence, scaled).argmax(-1)
+            else:
+                token = self._sample(processors(sequence, scaled.clone()), generators)
+            token = torch.where(finished, torch.full_like(token, self.pad_token_id), token)
+            tokens.append(token)
+            logprobs.append(torch.where(finished, 0.0, logprobs_from_logits(scaled[:, None], token[:, None])[:, 0]))
+            alive.append(~finished)
+            finished = finished | torch.isin(token, stop)
+            if bool(finished.all()):
+                break
+            sequence = torch.cat([sequence, token[:, None]], dim=1)
+            attention = torch.cat([attention, torch.ones_like(token[:, None])], dim=1)
+            position = position + 1
+            out = self.model(token[:, None], attention_mask=attention, position_ids=position,
+                             past_key_values=out.past_key_values, use_cache=True)
+        return RolloutBatch(prompt_ids=ids, prompt_mask=mask, response_ids=torch.stack(tokens, 1),
+                            response_mask=torch.stack(alive, 1).long(), logprobs=torch.stack(logprobs, 1),
+                            prompt_index=index.to(device))
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """Gumbel-max: argmax(logits + Gumbel noise) samples softmax(logits); one generator per row."""
+        uniform = torch.stack([torch.rand(logits.shape[1], generator=g) for g in generators]).to(logits.device)
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20)))
+        return (logits + gumbel).argmax(-1)
+
+
+def sequence_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature: float) -> torch.Tensor:
+    """The trainer's view: log softmax(logits / temperature) of each response token in one full forward.
+    -> (B*n, R), 0 on padding. Equal to the rollout's logprobs for the same weights."""
+    ids = torch.cat([batch.prompt_ids, batch.response_ids], dim=1)
+    mask = torch.cat([batch.prompt_mask, batch.response_mask], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    prompt_len, resp_len = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+    logits = logits[:, prompt_len - 1: prompt_len - 1 + resp_len].float()  # the logits that predicted them
+    if temperature > 0:
+        logits = logits / temperature
+    return logprobs_from_logits(logits, batch.response_ids) * batch.response_mask
