@@ -10,6 +10,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig, Qwen2Config
 
 from models.configuration import LatentReasoningConfig
+from models.param_count import matched_baseline
 
 GROUPS = ("baseline", "mla_only", "mla_lru_fixed", "mla_lru_adaptive")
 
@@ -34,6 +35,4 @@ def tiny_config(group: str, **overrides) -> PretrainedConfig:
         raise ValueError(f"group={group!r}: valid groups are {list(GROUPS)}")
     if group != "baseline":
         return mla_config(group, **overrides)
-    from models.param_count import matched_baseline  # here: param_count imports this module's constants
-
     return matched_baseline(mla_config("mla_lru_adaptive"), Qwen2Config(**{**TINY, **TINY_BASELINE}), **overrides)

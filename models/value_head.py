@@ -14,6 +14,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from models.modeling_mla_lru import lru_summary
+
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 
@@ -37,8 +39,6 @@ class ValueHeadModel(nn.Module):
         values = self.v_head(out.last_hidden_state).squeeze(-1)
         aux = None
         if getattr(out, "lru_results", None):
-            from models.modeling_mla_lru import lru_summary
-
             aux = lru_summary(out.lru_results, out.valid, self.lm.config)[0]
         return values, aux
 

@@ -25,6 +25,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from models import LatentCache, LatentReasoningForCausalLM
 from rl.core import logprobs_from_logits
 
 
@@ -105,8 +106,6 @@ class TorchRolloutEngine:
         return processors
 
     def _new_cache(self):
-        from models import LatentCache, LatentReasoningForCausalLM  # here: rl depends on models, not at import
-
         return LatentCache(config=self.model.config) if isinstance(self.model, LatentReasoningForCausalLM) else None
 
     @torch.no_grad()
