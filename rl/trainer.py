@@ -1,0 +1,242 @@
+"""The PPO trainer: actor, critic and frozen reference in one process. No Ray here (the actor wraps it).
+
+One step, as in the PPO paper's algorithm box (Schulman et al. 2017, Alg. 1) with the RLHF additions:
+
+    prepare(rollout, scores):   old logprobs, reference logprobs, values;
+                                token rewards (score on the last token, minus beta * KL if kl_in_reward);
+                                advantages by GAE with the critic, or group-normalised scores (GRPO)
+    update(experience):         for each epoch, for each shuffled minibatch, accumulate over micro-batches
+                                the clipped policy loss - entropy bonus (+ beta * KL loss) + LRU aux loss
+                                and the clipped value loss; clip gradients; AdamW step with warm-up.
+                                A non-finite loss or gradient skips the step and is counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models import ValueHeadModel
+from rl import core
+from rl.rollout import RolloutBatch
+
+
+@dataclass(frozen=True)
+class PPOSettings:
+    """Plain numbers of the algorithm (the config layer fills them in and validates them)."""
+
+    lr: float = 1e-5
+    critic_lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    clip: float = 0.2
+    dual_clip: float | None = 3.0
+    value_clip: float | None = 0.2
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    kl_in_reward: bool = False
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    advantage: str = "gae"  # or "grpo"
+    whiten_advantages: bool = True
+    agg: str = "token-mean"
+    epochs: int = 1
+    minibatch_size: int = 8
+    micro_batch_size: int = 8
+    max_grad_norm: float = 1.0
+    temperature: float = 1.0
+    max_bad_steps: int = 3  # consecutive non-finite updates before the run stops
+
+
+@dataclass
+class Experience:
+    """A scored rollout with everything the update needs. B rows (prompt x sample), P prompt, R response."""
+
+    input_ids: torch.Tensor  # (B, P+R) prompt then response
+    attention_mask: torch.Tensor  # (B, P+R)
+    response_mask: torch.Tensor  # (B, R) float
+    old_logprobs: torch.Tensor  # (B, R)
+    ref_logprobs: torch.Tensor  # (B, R)
+    values: torch.Tensor  # (B, R), zeros without a critic
+    rewards: torch.Tensor  # (B, R) token rewards
+    advantages: torch.Tensor  # (B, R)
+    returns: torch.Tensor  # (B, R)
+
+    def rows(self, index: torch.Tensor) -> Experience:
+        return Experience(**{k: v[index] for k, v in vars(self).items()})
+
+
+class NonFiniteError(RuntimeError):
+    """Too many updates in a row had a non-finite loss or gradient."""
+
+
+class PPOTrainer:
+    def __init__(self, policy, reference, critic: ValueHeadModel | None, settings: PPOSettings):
+        if settings.advantage == "gae" and critic is None:
+            raise ValueError("advantage='gae' needs a critic; pass one or use advantage='grpo'")
+        self.policy, self.reference, self.critic, self.s = policy, reference.eval(), critic, settings
+        self.reference.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        self.critic_optimizer = (torch.optim.AdamW(critic.v_head.parameters() if critic.lm is policy else
+                                                   critic.parameters(), lr=settings.critic_lr)
+                                 if critic is not None else None)
+        warmup = lambda step: min(1.0, (step + 1) / settings.warmup_steps) if settings.warmup_steps else 1.0  # noqa: E731
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup)
+        self.bad_steps = 0
+        self.skipped_steps = 0
+
+    # ---- logprobs and values --------------------------------------------------------------------------
+
+    def _logits(self, model, exp: Experience):
+        positions = (exp.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(exp.input_ids, attention_mask=exp.attention_mask, position_ids=positions, use_cache=False)
+        r = exp.response_mask.shape[1]
+        logits = out.logits[:, -r - 1: -1].float()  # the logits that predicted the response tokens
+        return logits / self.s.temperature if self.s.temperature > 0 else logits, out
+
+    def _logprobs(self, logits: torch.Tensor, exp: Experience) -> torch.Tensor:
+        return core.logprobs_from_logits(logits, exp.input_ids[:, -exp.response_mask.shape[1]:])
+
+    def _values(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor | None]:
+        positions = (exp.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        values, aux = self.critic(exp.input_ids, attention_mask=exp.attention_mask, position_ids=positions)
+        r = exp.response_mask.shape[1]
+        return values[:, -r - 1: -1], aux  # the value of the state before each response token
+
+    # ---- prepare ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prepare(self, rollout: RolloutBatch, scores: torch.Tensor) -> Experience:
+        """Old and reference logprobs, values, token rewards and advantages for a scored rollout."""
+        mask = rollout.response_mask.float()
+        exp = Experience(
+            input_ids=torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1),
+            attention_mask=torch.cat([rollout.prompt_mask, rollout.response_mask], dim=1),
+            response_mask=mask, old_logprobs=None, ref_logprobs=None, values=torch.zeros_like(mask),
+            rewards=None, advantages=None, returns=None)
+        exp.old_logprobs = self._logprobs(self._logits(self.policy, exp)[0], exp) * mask
+        exp.ref_logprobs = self._logprobs(self._logits(self.reference, exp)[0], exp) * mask
+        if self.critic is not None:
+            exp.values = self._values(exp)[0] * mask
+        last = (mask.sum(1).long() - 1).clamp(min=0)  # the outcome reward lands on the last response token
+        exp.rewards = torch.zeros_like(mask).scatter(1, last[:, None], scores.float()[:, None]) * mask
+        if self.s.kl_in_reward and self.s.kl_coef:
+            exp.rewards = exp.rewards - self.s.kl_coef * core.kl_penalty(exp.old_logprobs, exp.ref_logprobs,
+                                                                         self.s.kl_estimator) * mask
+        if self.s.advantage == "grpo":
+            exp.advantages = core.grpo_advantages(scores.float(), rollout.prompt_index, mask)
+            exp.returns = exp.advantages.clone()
+        else:
+            exp.advantages, exp.returns = core.compute_gae(exp.rewards, exp.values, mask, self.s.gamma, self.s.lam)
+            if self.s.whiten_advantages:
+                exp.advantages = core.masked_whiten(exp.advantages, mask)
+        return exp
+
+    # ---- update ----------------------------------------------------------------------------------------
+
+    def update(self, exp: Experience, generator: torch.Generator | None = None) -> dict[str, float]:
+        """PPO epochs over shuffled minibatches, accumulating gradients over micro-batches."""
+        totals: dict[str, list[float]] = {}
+        rows = exp.response_mask.shape[0]
+        for _ in range(self.s.epochs):
+            order = torch.randperm(rows, generator=generator)
+            for minibatch in order.split(self.s.minibatch_size):
+                for name, value in self._minibatch_step(exp.rows(minibatch)).items():
+                    totals.setdefault(name, []).append(value)
+        metrics = {name: sum(v) / len(v) for name, v in totals.items()}
+        metrics["skipped_steps"] = float(self.skipped_steps)
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        return metrics
+
+    def _minibatch_step(self, mb: Experience) -> dict[str, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.critic_optimizer is not None:
+            self.critic_optimizer.zero_grad(set_to_none=True)
+        counts = {"num_tokens": mb.response_mask.sum(), "num_seqs": mb.response_mask.shape[0]}
+        metrics: dict[str, float] = {}
+        finite = True
+        for micro in torch.arange(mb.response_mask.shape[0]).split(self.s.micro_batch_size):
+            part = mb.rows(micro)
+            share = len(micro) / mb.response_mask.shape[0]  # for averaging the metrics
+            # The LRU aux loss is a mean over valid positions: weighted by this part's share of them, the
+            # micro-batch terms add up to the minibatch's mean (agg_loss's invariant, for the aux loss).
+            aux_share = part.attention_mask.sum() / mb.attention_mask.sum()
+            loss, m = self._policy_loss(part, counts, aux_share)
+            if self.critic is not None:
+                v_loss, vm = self._value_loss(part, counts)
+                loss = loss + v_loss
+                m.update(vm)
+            finite &= bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
+            for name, value in m.items():
+                metrics[name] = metrics.get(name, 0.0) + float(value) * share
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if self.critic_optimizer is not None:
+            params += [p for group in self.critic_optimizer.param_groups for p in group["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.s.max_grad_norm) if finite else torch.tensor(torch.nan)
+        if not finite or not torch.isfinite(grad_norm):
+            self._skip()
+        else:
+            self.bad_steps = 0
+            self.optimizer.step()
+            if self.critic_optimizer is not None:
+                self.critic_optimizer.step()
+            self.scheduler.step()
+        metrics["grad_norm"] = float(grad_norm)
+        return metrics
+
+    def _skip(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.critic_optimizer is not None:
+            self.critic_optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self.bad_steps += 1
+        if self.bad_steps >= self.s.max_bad_steps:
+            raise NonFiniteError(f"{self.bad_steps} updates in a row had a non-finite loss or gradient; "
+                                 "lower the learning rate or check the data")
+
+    def _policy_loss(self, part: Experience, counts: dict, aux_share: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        logits, out = self._logits(self.policy, part)
+        logp = self._logprobs(logits, part)
+        mask = part.response_mask
+        pg_loss, metrics = core.ppo_policy_loss(logp, part.old_logprobs, part.advantages, mask, self.s.clip,
+                                                self.s.dual_clip, self.s.agg, **counts)
+        loss = pg_loss
+        entropy = core.entropy_from_logits(logits)
+        loss = loss - self.s.entropy_coef * core.agg_loss(entropy, mask, self.s.agg, **counts)
+        kl = core.kl_penalty(logp, part.ref_logprobs, self.s.kl_estimator)
+        if self.s.kl_coef and not self.s.kl_in_reward:
+            loss = loss + self.s.kl_coef * core.agg_loss(kl, mask, self.s.agg, **counts)
+        aux = getattr(out, "aux_loss", None)
+        if aux is not None:  # the model's LRU auxiliary loss, already weighted by its config
+            loss = loss + aux * aux_share
+            metrics["lru_aux_loss"] = aux.detach()
+            metrics["lru_iterations"] = out.lru_stats["iterations_mean"]
+        metrics.update(pg_loss=pg_loss.detach(), actor_loss=loss.detach(),
+                       entropy=core.masked_mean(entropy, mask).detach(), kl_ref=core.masked_mean(kl, mask).detach())
+        return loss, metrics
+
+    def _value_loss(self, part: Experience, counts: dict) -> tuple[torch.Tensor, dict]:
+        values, _ = self._values(part)
+        loss, metrics = core.value_loss(values, part.values, part.returns, part.response_mask, self.s.value_clip,
+                                        self.s.agg, **counts)
+        metrics.update(value_loss=loss.detach(),
+                       explained_variance=core.explained_variance(values.detach(), part.returns, part.response_mask))
+        return loss, metrics
+
+    # ---- checkpointing ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "critic_optimizer": self.critic_optimizer.state_dict() if self.critic_optimizer else None,
+                "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.critic_optimizer is not None and state.get("critic_optimizer") is not None:
+            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.skipped_steps = state.get("skipped_steps", 0)
