@@ -174,3 +174,24 @@ def sequence_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature: 
     if temperature > 0:
         logits = logits / temperature
     return logprobs_from_logits(logits, batch.response_ids) * batch.response_mask
+
+
+def concat_rollouts(batches: list[RolloutBatch], prompt_ids: list[list[int]], pad_token_id: int) -> RolloutBatch:
+    """Join batches generated for subsets of the prompts; ``prompt_ids[k]`` are the global indices of the
+    prompts batch k answered. Prompts stay left-padded and responses right-padded to the widest."""
+    p = max(b.prompt_ids.shape[1] for b in batches)
+    r = max(b.response_ids.shape[1] for b in batches)
+
+    def pad(t: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:
+        extra = width - t.shape[1]
+        return torch.nn.functional.pad(t, (extra, 0) if left else (0, extra), value=value)
+
+    return RolloutBatch(
+        prompt_ids=torch.cat([pad(b.prompt_ids, p, pad_token_id, True) for b in batches]),
+        prompt_mask=torch.cat([pad(b.prompt_mask, p, 0, True) for b in batches]),
+        response_ids=torch.cat([pad(b.response_ids, r, pad_token_id, False) for b in batches]),
+        response_mask=torch.cat([pad(b.response_mask, r, 0, False) for b in batches]),
+        logprobs=torch.cat([pad(b.logprobs, r, 0, False) for b in batches]),
+        prompt_index=torch.cat([torch.as_tensor(ids)[b.prompt_index] for b, ids in zip(batches, prompt_ids,
+                                                                                     strict=True)]),
+    )

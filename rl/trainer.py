@@ -108,8 +108,8 @@ class PPOTrainer:
     # ---- prepare ---------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def prepare(self, rollout: RolloutBatch, scores: torch.Tensor) -> Experience:
-        """Old and reference logprobs, values, token rewards and advantages for a scored rollout."""
+    def evaluate(self, rollout: RolloutBatch) -> Experience:
+        """Old and reference logprobs and values of a rollout; needs no scores, so it runs while they come."""
         mask = rollout.response_mask.float()
         exp = Experience(
             input_ids=torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1),
@@ -120,19 +120,29 @@ class PPOTrainer:
         exp.ref_logprobs = self._logprobs(self._logits(self.reference, exp)[0], exp) * mask
         if self.critic is not None:
             exp.values = self._values(exp)[0] * mask
-        last = (mask.sum(1).long() - 1).clamp(min=0)  # the outcome reward lands on the last response token
+        return exp
+
+    @torch.no_grad()
+    def add_scores(self, exp: Experience, scores: torch.Tensor, prompt_index: torch.Tensor) -> Experience:
+        """Token rewards (the score on the last response token, minus beta * KL if kl_in_reward) and
+        advantages: GAE with the critic, or group-normalised scores (GRPO, groups = prompt_index)."""
+        mask = exp.response_mask
+        last = (mask.sum(1).long() - 1).clamp(min=0)
         exp.rewards = torch.zeros_like(mask).scatter(1, last[:, None], scores.float()[:, None]) * mask
         if self.s.kl_in_reward and self.s.kl_coef:
             exp.rewards = exp.rewards - self.s.kl_coef * core.kl_penalty(exp.old_logprobs, exp.ref_logprobs,
                                                                          self.s.kl_estimator) * mask
         if self.s.advantage == "grpo":
-            exp.advantages = core.grpo_advantages(scores.float(), rollout.prompt_index, mask)
+            exp.advantages = core.grpo_advantages(scores.float(), prompt_index, mask)
             exp.returns = exp.advantages.clone()
         else:
             exp.advantages, exp.returns = core.compute_gae(exp.rewards, exp.values, mask, self.s.gamma, self.s.lam)
             if self.s.whiten_advantages:
                 exp.advantages = core.masked_whiten(exp.advantages, mask)
         return exp
+
+    def prepare(self, rollout: RolloutBatch, scores: torch.Tensor) -> Experience:
+        return self.add_scores(self.evaluate(rollout), scores, rollout.prompt_index)
 
     # ---- update ----------------------------------------------------------------------------------------
 

@@ -82,6 +82,7 @@ def test_ppo_raises_the_reward_on_a_one_token_bandit(advantage):
     assert after > before + 0.3, (before, after)
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_one_update_does_not_depend_on_micro_batch_size():
     # agg_loss's invariant, through the whole trainer: 16 rows as 1 x 16 or 4 x 4 micro-batches give the
     # same accumulated gradient (compared before AdamW, whose normalisation would amplify float noise).

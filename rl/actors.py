@@ -1,0 +1,142 @@
+"""Ray actors: the rollout worker, the trainer and the reward-scorer pool. Each exposes a few coarse methods;
+batches cross actor boundaries as one typed container (``RolloutBatch``, ``ScoredBatch``)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import ray
+import torch
+from transformers import AutoModelForCausalLM
+
+import models  # noqa: F401  (registers mla_lru with the Auto classes in every actor process)
+from models import ValueHeadModel
+from rl import checkpoint
+from rl.reward_scorer import RewardRunner, ScoredBatch
+from rl.rollout import RolloutBatch, SamplingParams, TorchRolloutEngine
+from rl.sft import sft_step
+from rl.trainer import PPOSettings, PPOTrainer
+
+
+def _threads() -> None:
+    torch.set_num_threads(max(1, int(os.environ.get("LRU_RL_THREADS", os.cpu_count() or 1))))
+
+
+def _model_from(config, state_dict: dict, device: str):
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(state_dict)
+    return model.to(device)
+
+
+@ray.remote(max_restarts=1)
+class RolloutWorker:
+    """Holds a copy of the policy; generates; takes new weights every step (stateless apart from them)."""
+
+    def __init__(self, config, state_dict: dict, pad_token_id: int, device: str):
+        _threads()
+        self.engine = TorchRolloutEngine(_model_from(config, state_dict, device), pad_token_id)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> RolloutBatch:
+        batch = self.engine.generate(prompts, params, seeds)
+        return RolloutBatch(**{k: v.cpu() for k, v in vars(batch).items()})
+
+    def load_weights(self, state_dict: dict) -> None:
+        self.engine.load_weights(state_dict)
+
+    def weights_checksum(self) -> float:
+        return _checksum(self.engine.model)
+
+
+def _checksum(model) -> float:
+    return float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(model.state_dict().values())))
+
+
+@ray.remote
+class TrainerWorker:
+    """Policy (actor), critic (value head on its own copy of the backbone) and frozen reference."""
+
+    def __init__(self, config, state_dict: dict, settings: PPOSettings, with_critic: bool, device: str):
+        _threads()
+        self.device = device
+        self.policy = _model_from(config, state_dict, device)
+        self.settings, self.with_critic = settings, with_critic
+        self._rebuild()
+        self.pending = None
+
+    def _rebuild(self) -> None:
+        """Reference and critic start from the current policy (after the warm start, if any)."""
+        reference = copy.deepcopy(self.policy)
+        critic = ValueHeadModel(copy.deepcopy(self.policy)).to(self.device) if self.with_critic else None
+        self.trainer = PPOTrainer(self.policy, reference, critic, self.settings)
+
+    def sft(self, batches: list[tuple[list[list[int]], list[list[int]]]], lr: float, pad_token_id: int) -> list[float]:
+        optimizer = torch.optim.AdamW(self.policy.parameters(), lr=lr)
+        losses = [sft_step(self.policy, optimizer, prompts, responses, pad_token_id) for prompts, responses in batches]
+        self._rebuild()
+        return losses
+
+    def evaluate(self, rollout: RolloutBatch) -> None:
+        self.policy.eval()
+        self.pending = self.trainer.evaluate(_to(rollout, self.device))
+        self.pending_index = rollout.prompt_index.to(self.device)
+
+    def update(self, scores: list[float], seed: int) -> dict[str, float]:
+        exp = self.trainer.add_scores(self.pending, torch.tensor(scores, device=self.device), self.pending_index)
+        self.policy.train()
+        metrics = self.trainer.update(exp, generator=torch.Generator().manual_seed(seed))
+        self.policy.eval()
+        self.pending = None
+        return metrics
+
+    def weights(self) -> dict:
+        return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
+
+    def weights_checksum(self) -> float:
+        return _checksum(self.policy)
+
+    def save(self, run_dir: str, step: int, tokenizer, extra: dict) -> str:
+        state = {"trainer": self.trainer.state_dict(), "step": step, "torch_rng": torch.get_rng_state(),
+                 "reference": {k: v.cpu() for k, v in self.trainer.reference.state_dict().items()}, **extra}
+        return str(checkpoint.save_checkpoint(run_dir, step, self.policy, tokenizer, self.trainer.critic, state))
+
+    def load(self, path: str) -> dict:
+        state = checkpoint.load_state(checkpoint.Path(path))
+        policy = AutoModelForCausalLM.from_pretrained(f"{path}/policy").to(self.device)
+        self.policy.load_state_dict(policy.state_dict())
+        self._rebuild()
+        self.trainer.reference.load_state_dict(state["reference"])
+        if self.trainer.critic is not None:
+            critic = ValueHeadModel.from_pretrained(f"{path}/critic")
+            self.trainer.critic.load_state_dict(critic.state_dict())
+        self.trainer.load_state_dict(state["trainer"])
+        torch.set_rng_state(state["torch_rng"])
+        return {k: v for k, v in state.items() if k not in ("trainer", "reference", "torch_rng")}
+
+
+def _to(batch: RolloutBatch, device: str) -> RolloutBatch:
+    return RolloutBatch(**{k: v.to(device) for k, v in vars(batch).items()})
+
+
+RewardScorer = ray.remote(max_restarts=1)(RewardRunner)
+
+
+class RewardScorerPool:
+    """Splits a batch over ``workers`` scorer actors; ``submit`` returns at once, ``collect`` waits."""
+
+    def __init__(self, spec: str, kwargs: dict, timeout_s: float, workers: int):
+        self.actors = [RewardScorer.options(num_cpus=0.25).remote(spec, kwargs, timeout_s) for _ in range(workers)]
+
+    def submit(self, data_sources: list, responses: list[str], ground_truths: list, extra_infos: list) -> list:
+        size = math.ceil(len(responses) / len(self.actors))
+        return [actor.score.remote(data_sources[i: i + size], responses[i: i + size], ground_truths[i: i + size],
+                                   extra_infos[i: i + size])
+                for actor, i in zip(self.actors, range(0, len(responses), size), strict=False)]
+
+    @staticmethod
+    def collect(refs: list) -> ScoredBatch:
+        out = ScoredBatch()
+        for part in ray.get(refs):
+            out.extend(part)
+        return out

@@ -1,0 +1,308 @@
+"""The single controller: one process owns the PPO loop and drives the Ray actors.
+
+    python -m rl.driver --config rl/presets/tiny.yaml trainer.steps=40 logging.run_dir=outputs/my_run
+
+Each step, as in the PPO paper's algorithm box:
+    1. prompts from the stream (or parquet)          4. advantages, PPO epochs on the trainer
+    2. rollout on the workers                         5. new weights pushed to the workers
+    3. scores from the reward pool, while the          6. metrics logged; evaluation and checkpoints
+       trainer computes old/reference logprobs and        every few steps
+       values
+Re-running with the same run directory resumes from its last complete checkpoint. Ctrl-C or SIGTERM
+finishes the current step, saves, and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import signal
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+import torch
+import yaml
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import models
+from data.causal_loop import ProblemStream, TaskConfig, build_splits, heldout_configs, to_table
+from data.tokenizer import build_tokenizer
+from rl import checkpoint
+from rl.actors import RewardScorerPool, RolloutWorker, TrainerWorker
+from rl.config import ExperimentConfig, load_config
+from rl.rollout import SamplingParams, concat_rollouts
+from rl.tracking import MetricsLogger
+from rl.trainer import PPOSettings
+
+
+class PromptSource:
+    """Training rows (the endless stream, or parquet files cycled) and the held-out evaluation sets."""
+
+    def __init__(self, cfg, seed: int):
+        self.cfg = cfg
+        if cfg.source == "stream":
+            task = TaskConfig(**cfg.task)
+            splits = build_splits(task, 0, cfg.eval_size, seed + 1, heldout_configs(task), cfg.eval_size)
+            self.eval_sets = {name: to_table(b, name, k, cfg.template).to_pylist() for name, (b, k) in splits.items()}
+            excluded = np.concatenate([k for _, k in splits.values()])
+            self.stream = ProblemStream(task, seed=seed, chunk_size=256, exclude_keys=excluded)
+        else:
+            self.rows = [r for f in cfg.train_files for r in pq.read_table(f).to_pylist()]
+            self.position = 0
+            self.eval_sets = {Path(f).stem: pq.read_table(f).to_pylist()[: cfg.eval_size] for f in cfg.eval_files}
+
+    def next_rows(self, n: int) -> list[dict]:
+        if self.cfg.source == "stream":
+            return to_table(self.stream.next_batch(n), "train", template=self.cfg.template).to_pylist()
+        rows = [self.rows[(self.position + i) % len(self.rows)] for i in range(n)]
+        self.position += n
+        return rows
+
+    def state_dict(self) -> dict:
+        return {"stream": self.stream.state_dict()} if self.cfg.source == "stream" else {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.cfg.source == "stream":
+            self.stream.load_state_dict(state["stream"])
+        else:
+            self.position = state["position"]
+
+
+def encode_prompt(tokenizer, row: dict, template: str) -> list[int]:
+    if template == "chat":
+        text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    else:
+        text = row["prompt"][0]["content"]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def build_model_and_tokenizer(cfg: ExperimentConfig):
+    """The policy's starting point: a local checkpoint (``model.path``) or the group's tiny preset."""
+    if cfg.model.path:
+        path = Path(cfg.model.path)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model.path={cfg.model.path!r}: no transformers checkpoint there (no config.json)")
+        model = AutoModelForCausalLM.from_pretrained(path)
+        is_mla = isinstance(model, models.LatentReasoningForCausalLM)
+        if cfg.model.group != "baseline" and not is_mla:
+            raise ValueError(f"model.group={cfg.model.group!r} needs an MLA checkpoint, but {path} is "
+                             f"{model.config.model_type}: converting a pretrained GQA model to MLA does not exist yet")
+        return model, AutoTokenizer.from_pretrained(path)
+    tokenizer = build_tokenizer()
+    vocab = -(-len(tokenizer) // 8) * 8  # a multiple of 8
+    config = models.tiny_config(cfg.model.group, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=tokenizer.eos_token_id, **cfg.model.overrides)
+    torch.manual_seed(cfg.trainer.seed)
+    return AutoModelForCausalLM.from_config(config), tokenizer
+
+
+def step_seed(seed: int, step: int, salt: str = "") -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{step}:{salt}".encode(), digest_size=4).digest(), "little")
+
+
+class Run:
+    """The actors and state of one training run."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self.dir = Path(cfg.logging.run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._record_config()
+        device = "cuda" if cfg.trainer.device == "auto" and torch.cuda.is_available() else (
+            "cpu" if cfg.trainer.device == "auto" else cfg.trainer.device)
+        model, self.tokenizer = build_model_and_tokenizer(cfg)
+        self.data = PromptSource(cfg.data, cfg.data.seed)
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
+                     **({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count() or 2}))
+        weights, config, pad = model.state_dict(), model.config, self.tokenizer.pad_token_id
+        gpu = {"num_gpus": 1} if device == "cuda" else {}
+        settings = PPOSettings(**vars(cfg.algorithm), lr=cfg.trainer.lr, critic_lr=cfg.trainer.critic_lr,
+                               weight_decay=cfg.trainer.weight_decay, warmup_steps=cfg.trainer.warmup_steps,
+                               epochs=cfg.trainer.epochs, minibatch_size=cfg.trainer.minibatch_size,
+                               micro_batch_size=cfg.trainer.micro_batch_size, max_grad_norm=cfg.trainer.max_grad_norm,
+                               temperature=cfg.rollout.temperature, max_bad_steps=cfg.trainer.max_bad_steps)
+        self.trainer = TrainerWorker.options(num_cpus=1, **gpu).remote(config, weights, settings,
+                                                                       cfg.algorithm.advantage == "gae", device)
+        self.workers = [RolloutWorker.options(num_cpus=0.5, **gpu).remote(config, weights, pad, device)
+                        for _ in range(cfg.rollout.workers)]
+        self.scorers = RewardScorerPool(cfg.reward.function, cfg.reward.kwargs, cfg.reward.timeout_s,
+                                        cfg.reward.workers)
+        self.params = SamplingParams(temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k,
+                                     top_p=cfg.rollout.top_p, repetition_penalty=cfg.rollout.repetition_penalty,
+                                     max_new_tokens=cfg.rollout.max_new_tokens, n=cfg.rollout.n,
+                                     stop_token_ids=(self.tokenizer.eos_token_id,))
+        self.logger = MetricsLogger(self.dir, cfg.to_dict(), cfg.logging.wandb_mode, cfg.logging.project)
+        self.stop_requested = False
+
+    def _record_config(self) -> None:
+        path = self.dir / "config.yaml"
+        text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+        if path.is_file() and yaml.safe_load(path.read_text()) != self.cfg.to_dict():
+            previous = yaml.safe_load(path.read_text())
+            changed = sorted(f"{s}.{k}" for s in previous for k in previous[s]
+                             if previous[s][k] != self.cfg.to_dict().get(s, {}).get(k))
+            if changed != ["trainer.steps"]:  # extending a run is fine; anything else is another experiment
+                raise ValueError(f"{self.dir} holds a run with a different config ({', '.join(changed)}); "
+                                 "resume it with the same config or pick another logging.run_dir")
+        path.write_text(text)
+
+    # ---- one step ------------------------------------------------------------------------------------
+
+    def rollout(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]):
+        parts = [p for p in np.array_split(np.arange(len(prompts)), len(self.workers)) if len(p)]
+        refs = [w.generate.remote([prompts[i] for i in p], params, [seeds[i] for i in p])
+                for w, p in zip(self.workers, parts, strict=False)]
+        batches = ray.get(refs)
+        return batches[0] if len(batches) == 1 else concat_rollouts(batches, [p.tolist() for p in parts],
+                                                                    self.tokenizer.pad_token_id)
+
+    def decode(self, batch) -> list[str]:
+        return [self.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+                for ids, mask in zip(batch.response_ids, batch.response_mask, strict=True)]
+
+    def step(self, step: int) -> dict:
+        times, start = {}, time.perf_counter()
+        rows = self.data.next_rows(self.cfg.trainer.prompts_per_step)
+        prompts = [encode_prompt(self.tokenizer, r, self.cfg.data.template) for r in rows]
+        seeds = [step_seed(self.cfg.trainer.seed, step, str(i)) for i in range(len(rows))]
+        batch = self.rollout(prompts, self.params, seeds)
+        times["time/rollout"] = time.perf_counter() - start
+        t = time.perf_counter()
+        texts = self.decode(batch)
+        index = batch.prompt_index.tolist()
+        pick = lambda key: [rows[i][key] for i in index]  # noqa: E731
+        score_refs = self.scorers.submit(pick("data_source"), texts, [r["ground_truth"] for r in pick("reward_model")],
+                                         pick("extra_info"))
+        evaluated = self.trainer.evaluate.remote(batch)  # old / reference logprobs and values, meanwhile
+        scored = self.scorers.collect(score_refs)
+        ray.get(evaluated)
+        times["time/score"] = time.perf_counter() - t
+        t = time.perf_counter()
+        metrics = ray.get(self.trainer.update.remote(scored.scores, step_seed(self.cfg.trainer.seed, step, "update")))
+        times["time/train"] = time.perf_counter() - t
+        t = time.perf_counter()
+        weights = self.trainer.weights.remote()
+        ray.get([w.load_weights.remote(weights) for w in self.workers])
+        times["time/sync"] = time.perf_counter() - t
+        lengths = batch.response_lengths.float()
+        tokens = float(lengths.sum() + batch.prompt_mask.sum())
+        return {**{f"train/{k}": v for k, v in metrics.items()}, **times,
+                "reward/mean": float(np.mean(scored.scores)), "reward/std": float(np.std(scored.scores)),
+                **{f"reward/{k}": float(np.nanmean(v)) for k, v in scored.parts.items()},
+                "reward/errors": sum(e is not None for e in scored.errors),
+                "response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
+                "time/step": time.perf_counter() - start,
+                "throughput/tokens_per_s": tokens / (time.perf_counter() - start)}
+
+    def evaluate(self) -> dict:
+        """Greedy accuracy on every held-out set, overall and by level."""
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.rollout.max_new_tokens,
+                                stop_token_ids=(self.tokenizer.eos_token_id,))
+        out = {}
+        for name, rows in self.data.eval_sets.items():
+            batch = self.rollout([encode_prompt(self.tokenizer, r, self.cfg.data.template) for r in rows], greedy,
+                                 [0] * len(rows))
+            scored = self.scorers.collect(self.scorers.submit(
+                [r["data_source"] for r in rows], self.decode(batch),
+                [r["reward_model"]["ground_truth"] for r in rows], [r["extra_info"] for r in rows]))
+            acc = scored.parts.get("acc", scored.scores)
+            out[f"eval/{name}/acc"] = float(np.nanmean(acc))
+            out[f"eval/{name}/score"] = float(np.mean(scored.scores))
+            by_level = defaultdict(list)
+            for row, a in zip(rows, acc, strict=True):
+                by_level[row["extra_info"].get("level", 0)].append(a)
+            out.update({f"eval/{name}/acc_level{lv}": float(np.nanmean(v)) for lv, v in sorted(by_level.items())})
+        return out
+
+    def save(self, step: int) -> str:
+        return ray.get(self.trainer.save.remote(str(self.dir), step, self.tokenizer, {"data": self.data.state_dict()}))
+
+    def warm_start(self) -> None:
+        cfg = self.cfg.trainer
+        batches = []
+        for _ in range(cfg.sft_steps):
+            rows = self.data.next_rows(cfg.sft_batch_size)
+            eos = self.tokenizer.eos_token_id
+            batches.append(([encode_prompt(self.tokenizer, r, self.cfg.data.template) for r in rows],
+                            [self.tokenizer(r["extra_info"]["solution"], add_special_tokens=False)["input_ids"] + [eos]
+                             for r in rows]))
+        losses = ray.get(self.trainer.sft.remote(batches, cfg.sft_lr, self.tokenizer.pad_token_id))
+        weights = self.trainer.weights.remote()
+        ray.get([w.load_weights.remote(weights) for w in self.workers])
+        self.logger.log(0, {"sft/loss_first": losses[0], "sft/loss_last": float(np.mean(losses[-10:])),
+                            **self.evaluate()})
+
+    # ---- the loop ------------------------------------------------------------------------------------
+
+    def train(self) -> Path:
+        start = self._resume()
+        if start == 0 and self.cfg.trainer.sft_steps:
+            self.warm_start()
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        steps = self.cfg.trainer.steps
+        try:
+            with tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc="ppo",
+                      disable=not self.cfg.logging.progress) as bar:
+                for step in bar:
+                    metrics = self.step(step)
+                    last = step == steps or self.stop_requested
+                    if step % self.cfg.trainer.eval_every == 0 or last:
+                        metrics.update(self.evaluate())
+                    self.logger.log(step, metrics)
+                    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
+                                    acc=f"{metrics.get('reward/acc', float('nan')):.2f}",
+                                    kl=f"{metrics.get('train/kl_ref', 0.0):.4f}")
+                    if step % self.cfg.trainer.save_every == 0 or last:
+                        self.save(step)
+                    if self.stop_requested:
+                        break
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.logger.close()
+        return self.dir
+
+    def _resume(self) -> int:
+        latest = checkpoint.latest_checkpoint(self.dir)
+        if latest is None:
+            return 0
+        extra = ray.get(self.trainer.load.remote(str(latest)))
+        self.data.load_state_dict(extra["data"])
+        weights = self.trainer.weights.remote()
+        ray.get([w.load_weights.remote(weights) for w in self.workers])
+        self.logger.truncate_after(extra["step"])
+        print(f"resuming {self.dir} from step {extra['step']}", file=sys.stderr)
+        return extra["step"]
+
+    def _request_stop(self, signum, frame) -> None:
+        if self.stop_requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        print("\nstopping after this step (checkpoint will be saved); Ctrl-C again to abort", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML preset (default: rl/presets/tiny.yaml)")
+    parser.add_argument("overrides", nargs="*", help="section.field=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config or Path(__file__).parent / "presets" / "tiny.yaml", args.overrides)
+    except ValueError as e:
+        parser.error(str(e))
+    run = Run(cfg)
+    run.train()
+    print(f"run directory: {run.dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

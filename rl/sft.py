@@ -1,0 +1,34 @@
+"""Supervised warm start on worked solutions: cross-entropy on the response tokens only.
+
+A tiny model trained from scratch would see only zero rewards under PPO; a few hundred steps on the
+generator's worked solutions teach it the answer format and some of the task first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rl.rollout import left_pad
+
+
+def sft_batch(prompts: list[list[int]], responses: list[list[int]], pad_token_id: int):
+    """(input_ids, attention_mask, labels): prompt + response, left-padded; labels -100 outside responses."""
+    ids, mask = left_pad([p + r for p, r in zip(prompts, responses, strict=True)], pad_token_id)
+    labels = torch.full_like(ids, -100)
+    for row, response in enumerate(responses):
+        labels[row, ids.shape[1] - len(response):] = torch.tensor(response)
+    return ids, mask, labels
+
+
+def sft_step(model, optimizer, prompts, responses, pad_token_id: int, max_grad_norm: float = 1.0) -> float:
+    ids, mask, labels = sft_batch(prompts, responses, pad_token_id)
+    device = next(model.parameters()).device
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    model.train()
+    out = model(ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                labels=labels.to(device), use_cache=False)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    return float(out.loss)
