@@ -57,9 +57,9 @@ def _checksum(model) -> float:
 class TrainerWorker:
     """Policy (actor), critic (value head on its own copy of the backbone) and frozen reference."""
 
-    def __init__(self, config, state_dict: dict, settings: PPOSettings, with_critic: bool, device: str):
+    def __init__(self, config, state_dict: dict, settings: PPOSettings, with_critic: bool, device: str, seed: int):
         _threads()
-        self.device = device
+        self.device, self.seed = device, seed
         self.policy = _model_from(config, state_dict, device)
         self.settings, self.with_critic = settings, with_critic
         self._rebuild()
@@ -67,6 +67,7 @@ class TrainerWorker:
 
     def _rebuild(self) -> None:
         """Reference and critic start from the current policy (after the warm start, if any)."""
+        torch.manual_seed(self.seed)  # the value head's initialisation: runs must be reproducible
         reference = copy.deepcopy(self.policy)
         critic = ValueHeadModel(copy.deepcopy(self.policy)).to(self.device) if self.with_critic else None
         self.trainer = PPOTrainer(self.policy, reference, critic, self.settings)
@@ -120,13 +121,15 @@ def _to(batch: RolloutBatch, device: str) -> RolloutBatch:
 
 
 RewardScorer = ray.remote(max_restarts=1)(RewardRunner)
+SCORER_CPUS = 0.1
 
 
 class RewardScorerPool:
     """Splits a batch over ``workers`` scorer actors; ``submit`` returns at once, ``collect`` waits."""
 
     def __init__(self, spec: str, kwargs: dict, timeout_s: float, workers: int):
-        self.actors = [RewardScorer.options(num_cpus=0.25).remote(spec, kwargs, timeout_s) for _ in range(workers)]
+        self.actors = [RewardScorer.options(num_cpus=SCORER_CPUS).remote(spec, kwargs, timeout_s)
+                       for _ in range(workers)]
 
     def submit(self, data_sources: list, responses: list[str], ground_truths: list, extra_infos: list) -> list:
         size = math.ceil(len(responses) / len(self.actors))

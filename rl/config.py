@@ -195,11 +195,16 @@ def _coerce(section: str, name: str, value, annotation: str):
     allowed = tuple(typing.get_origin(a) or a for a in allowed)
     if value is None and type(None) in allowed:
         return None
-    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, bool) and bool not in allowed:
-        value = None  # forces the error below: True is an int to Python, not to a config
-    if value is None or not isinstance(value, tuple(a for a in allowed if a is not type(None))):
+    if float in allowed and not isinstance(value, bool):
+        if isinstance(value, int):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    wrong_bool = isinstance(value, bool) and bool not in allowed  # True is an int to Python, not to a config
+    if value is None or wrong_bool or not isinstance(value, tuple(a for a in allowed if a is not type(None))):
         raise ValueError(f"{section}.{name}={value!r}: expected {annotation}")
     return value
 

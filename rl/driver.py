@@ -35,11 +35,15 @@ import models
 from data.causal_loop import ProblemStream, TaskConfig, build_splits, heldout_configs, to_table
 from data.tokenizer import build_tokenizer
 from rl import checkpoint
-from rl.actors import RewardScorerPool, RolloutWorker, TrainerWorker
+from rl.actors import SCORER_CPUS, RewardScorerPool, RolloutWorker, TrainerWorker
 from rl.config import ExperimentConfig, load_config
 from rl.rollout import SamplingParams, concat_rollouts
 from rl.tracking import MetricsLogger
 from rl.trainer import PPOSettings
+
+# Logical CPU shares of the actors: PPO runs its phases one after another, so they need not add up to
+# the cores they use; they only tell Ray how many actors fit on a node.
+TRAINER_CPUS, WORKER_CPUS = 0.5, 0.25
 
 
 class PromptSource:
@@ -123,15 +127,16 @@ class Run:
             ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
                      **({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count() or 2}))
         weights, config, pad = model.state_dict(), model.config, self.tokenizer.pad_token_id
+        self._check_resources(device)
         gpu = {"num_gpus": 1} if device == "cuda" else {}
         settings = PPOSettings(**vars(cfg.algorithm), lr=cfg.trainer.lr, critic_lr=cfg.trainer.critic_lr,
                                weight_decay=cfg.trainer.weight_decay, warmup_steps=cfg.trainer.warmup_steps,
                                epochs=cfg.trainer.epochs, minibatch_size=cfg.trainer.minibatch_size,
                                micro_batch_size=cfg.trainer.micro_batch_size, max_grad_norm=cfg.trainer.max_grad_norm,
                                temperature=cfg.rollout.temperature, max_bad_steps=cfg.trainer.max_bad_steps)
-        self.trainer = TrainerWorker.options(num_cpus=1, **gpu).remote(config, weights, settings,
-                                                                       cfg.algorithm.advantage == "gae", device)
-        self.workers = [RolloutWorker.options(num_cpus=0.5, **gpu).remote(config, weights, pad, device)
+        self.trainer = TrainerWorker.options(num_cpus=TRAINER_CPUS, **gpu).remote(
+            config, weights, settings, cfg.algorithm.advantage == "gae", device, cfg.trainer.seed)
+        self.workers = [RolloutWorker.options(num_cpus=WORKER_CPUS, **gpu).remote(config, weights, pad, device)
                         for _ in range(cfg.rollout.workers)]
         self.scorers = RewardScorerPool(cfg.reward.function, cfg.reward.kwargs, cfg.reward.timeout_s,
                                         cfg.reward.workers)
@@ -141,6 +146,19 @@ class Run:
                                      stop_token_ids=(self.tokenizer.eos_token_id,))
         self.logger = MetricsLogger(self.dir, cfg.to_dict(), cfg.logging.wandb_mode, cfg.logging.project)
         self.stop_requested = False
+
+    def _check_resources(self, device: str) -> None:
+        """Refuse a plan the cluster cannot place, instead of waiting forever for an actor to start."""
+        cfg = self.cfg
+        need = {"CPU": TRAINER_CPUS + WORKER_CPUS * cfg.rollout.workers + SCORER_CPUS * cfg.reward.workers}
+        if device == "cuda":
+            need["GPU"] = 1 + cfg.rollout.workers
+        have = ray.cluster_resources()
+        short = {k: (v, have.get(k, 0)) for k, v in need.items() if have.get(k, 0) < v - 1e-9}
+        if short:
+            raise ValueError("the Ray cluster cannot place this run: "
+                             + ", ".join(f"{k} needs {n:g}, has {h:g}" for k, (n, h) in short.items())
+                             + "; lower rollout.workers / reward.workers or add nodes")
 
     def _record_config(self) -> None:
         path = self.dir / "config.yaml"
