@@ -317,7 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     run = Run(cfg)
-    run.train()
+    try:
+        run.train()
+    except ray.exceptions.RayActorError as e:
+        latest = checkpoint.latest_checkpoint(run.dir)
+        print(f"error: an actor died ({e.__class__.__name__}: {e}); the last checkpoint is {latest}. "
+              "Re-run the same command to resume from it.", file=sys.stderr)
+        return 1
     print(f"run directory: {run.dir}")
     return 0
 

@@ -225,6 +225,7 @@ class PPOTrainer:
             loss = loss + aux * aux_share
             metrics["lru_aux_loss"] = aux.detach()
             metrics["lru_iterations"] = out.lru_stats["iterations_mean"]
+            metrics["lru_ponder"] = out.lru_stats["ponder"]
         metrics.update(pg_loss=pg_loss.detach(), actor_loss=loss.detach(),
                        entropy=core.masked_mean(entropy, mask).detach(), kl_ref=core.masked_mean(kl, mask).detach())
         return loss, metrics

@@ -3,9 +3,10 @@
 #
 #   bash scripts/train_lru.sh [baseline|mla_only|mla_lru_fixed|mla_lru_adaptive|all] [section.field=value ...]
 #
-# What runs today: the task layer. It builds the causal-loop dataset in DATA_DIR (unless it is already
-# there) and scores a sample of the test split with the reward, as a check of both. Model training is
-# not built yet (see the README): the script says so and stops there rather than pretend.
+# Builds the causal-loop dataset in DATA_DIR (unless it is there) and checks the reward on it, then trains
+# the group's model with PPO (python -m rl.driver, preset rl/presets/tiny.yaml): a supervised warm start
+# on worked solutions, then PPO on the causal-loop stream. "all" trains the four groups one after another
+# with the same data, budget and seeds. Extra arguments override config fields.
 set -euo pipefail
 
 GROUPS_VALID="baseline mla_only mla_lru_fixed mla_lru_adaptive all"
@@ -14,11 +15,17 @@ usage() {
   cat <<USAGE
 
 Environment:
-  DATA_DIR          dataset directory (default: \$OUTPUT_DIR/data/causal_loop; generated if missing)
+  EXPERIMENT_NAME   run name (default: the group); the run directory is OUTPUT_DIR/EXPERIMENT_NAME
   OUTPUT_DIR        where runs and data go (default: outputs)
-  NUM_SAMPLES       training problems to generate (default: 20000)
+  DATA_DIR          causal-loop parquet files to check (default: OUTPUT_DIR/data/causal_loop; generated if missing)
+  BASE_MODEL        a local transformers checkpoint to start from (default: a tiny model from scratch)
+  N_GPUS            GPUs to use (default: 0 = CPU)
+  RAY_ADDRESS       join this Ray cluster instead of starting a local one
+  WANDB_MODE        offline (default), online or disabled
+  NUM_SAMPLES       problems in the generated training split (default: 20000)
   SEED              dataset seed (default: 0)
   PYTHON            python interpreter (default: .venv/bin/python, made by scripts/setup.sh)
+Re-running with the same EXPERIMENT_NAME resumes the run from its last checkpoint.
 USAGE
 }
 
@@ -30,6 +37,7 @@ if [[ " $GROUPS_VALID " != *" $GROUP "* ]]; then
   echo "error: unknown group '$GROUP'; choose one of: $GROUPS_VALID" >&2
   exit 2
 fi
+shift || true
 
 cd "$(dirname "$0")/.."
 if [[ -z "${PYTHON:-}" ]]; then
@@ -39,15 +47,33 @@ OUTPUT_DIR="${OUTPUT_DIR:-outputs}"
 DATA_DIR="${DATA_DIR:-$OUTPUT_DIR/data/causal_loop}"
 NUM_SAMPLES="${NUM_SAMPLES:-20000}"
 SEED="${SEED:-0}"
+EXPERIMENT_NAME="${EXPERIMENT_NAME:-$GROUP}"
+N_GPUS="${N_GPUS:-0}"
 
 if [[ -f "$DATA_DIR/train.parquet" && -f "$DATA_DIR/test.parquet" ]]; then
   echo "[data] using $DATA_DIR"
 else
   echo "[data] generating the causal-loop dataset in $DATA_DIR"
-  "$PYTHON" -m data.causal_loop --local_dir "$DATA_DIR" --num_samples "$NUM_SAMPLES" --seed "$SEED"
+  "$PYTHON" -m data.causal_loop --local_dir "$DATA_DIR" --num_samples "$NUM_SAMPLES" --seed "$SEED" --quiet
 fi
-
-echo "[reward] scoring a sample of $DATA_DIR/test.parquet"
+echo "[reward] checking the reward on $DATA_DIR/test.parquet"
 "$PYTHON" scripts/score_sample.py "$DATA_DIR/test.parquet"
 
-echo "[train] group '$GROUP': model training is not implemented yet (models/ and rl/ are the next issues)."
+common=("logging.wandb_mode=${WANDB_MODE:-offline}")
+[[ -n "${BASE_MODEL:-}" ]] && common+=("model.path=$BASE_MODEL")
+[[ "$N_GPUS" != "0" ]] && common+=("trainer.device=cuda")
+
+train_group() {  # $1: group, $2: run directory, then overrides
+  local group="$1" run_dir="$2"
+  shift 2
+  echo "[train] group $group -> $run_dir"
+  "$PYTHON" -m rl.driver "model.group=$group" "logging.run_dir=$run_dir" "${common[@]}" "$@"
+}
+
+if [[ "$GROUP" == "all" ]]; then
+  for g in baseline mla_only mla_lru_fixed mla_lru_adaptive; do
+    train_group "$g" "$OUTPUT_DIR/$EXPERIMENT_NAME/$g" "$@"
+  done
+else
+  train_group "$GROUP" "$OUTPUT_DIR/$EXPERIMENT_NAME" "$@"
+fi

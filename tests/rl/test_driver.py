@@ -92,3 +92,24 @@ def test_interrupt_saves_a_resumable_checkpoint(tmp_path):
     last = read_metrics(tmp_path)[-1]["step"]
     assert (tmp_path / "checkpoints" / f"step_{last:06d}" / "COMPLETE").is_file()
     assert "stopping after this step" in out
+
+
+DIGITS_REWARD = '''
+def score(data_source, solution_str, ground_truth, extra_info=None):
+    """A toy task on the causal-loop prompts: the share of digits in the response."""
+    return sum(c.isdigit() for c in solution_str) / max(len(solution_str), 1)
+'''
+
+
+@pytest.mark.timeout(300)
+def test_ppo_raises_the_mean_reward_end_to_end(tmp_path):
+    reward = tmp_path / "digits.py"
+    reward.write_text(DIGITS_REWARD)
+    r = run(tmp_path / "run", f"reward.function={reward}:score", "trainer.sft_steps=0", "trainer.steps=24",
+            "trainer.lr=2e-3", "algorithm.advantage=grpo", "algorithm.kl_coef=0", "rollout.n=4",
+            "trainer.prompts_per_step=4", "trainer.minibatch_size=16", "trainer.micro_batch_size=16",
+            "trainer.eval_every=100", "trainer.save_every=100", "model.group=mla_lru_adaptive")
+    r.train()
+    rewards = [row["reward/mean"] for row in read_metrics(tmp_path / "run") if "reward/mean" in row]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.15, rewards

@@ -1,0 +1,40 @@
+"""scripts/train_lru.sh itself, as a user runs it, with a tiny budget."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from rl.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGET = ["trainer.steps=2", "trainer.sft_steps=2", "trainer.sft_batch_size=4", "trainer.prompts_per_step=2",
+          "rollout.n=2", "rollout.max_new_tokens=8", "data.eval_size=2", "trainer.minibatch_size=4",
+          "trainer.micro_batch_size=4", "logging.progress=false"]
+
+
+def launch(*args, **env):
+    return subprocess.run(["bash", "scripts/train_lru.sh", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "WANDB_MODE": "disabled", "NUM_SAMPLES": "200", **env})
+
+
+@pytest.mark.timeout(600)
+def test_launcher_trains_a_group_and_resumes(tmp_path):
+    result = launch("mla_only", *BUDGET, OUTPUT_DIR=str(tmp_path), EXPERIMENT_NAME="smoke")
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = tmp_path / "smoke"
+    assert (run_dir / "checkpoints" / "step_000002" / "COMPLETE").is_file()
+    assert "group: mla_only" in (run_dir / "config.yaml").read_text()
+    assert [r["step"] for r in read_metrics(run_dir)] == [0, 1, 2]
+    again = launch("mla_only", *BUDGET[1:], "trainer.steps=3", OUTPUT_DIR=str(tmp_path), EXPERIMENT_NAME="smoke")
+    assert again.returncode == 0 and "resuming" in again.stderr
+    assert [r["step"] for r in read_metrics(run_dir)] == [0, 1, 2, 3]
+
+
+def test_launcher_rejects_unknown_groups_and_bad_overrides(tmp_path):
+    assert launch("gpt5").returncode == 2
+    bad = launch("mla_only", "trainer.lr=-1", OUTPUT_DIR=str(tmp_path))
+    assert bad.returncode == 2 and "trainer.lr" in bad.stderr
