@@ -12,30 +12,18 @@ adaptive halting's time against the iterations it ran.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from transformers import AutoModelForCausalLM
 
 import models
+from benchmarks.timing import median_seconds
 from models import LatentCache
 from models.param_count import _cache_bytes, count_params, qwen25_05b_shaped
 
 
 def timed(fn, repeats: int, device: str) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(fn, repeats, sync=torch.cuda.synchronize if device == "cuda" else None)
 
 
 def make(config, device: str):

@@ -9,24 +9,13 @@ token), so they do the same model work; the figure is generated tokens per secon
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from transformers import AutoModelForCausalLM
 
 import models
+from benchmarks.timing import median_seconds
 from rl.rollout import SamplingParams, TorchRolloutEngine, left_pad
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -28,27 +28,17 @@ import time
 
 import numpy as np
 
+from benchmarks.timing import median_seconds  # after a warm-up: the first Arrow call pays a setup
 from benchmarks.workloads import response_mix
 from data.causal_loop import TaskConfig, generate, render, sample
 from rewards.causal_loop import compute_score_batch
 
 
-def best_of(fn, repeats: int = 5) -> float:
-    """Median seconds of ``repeats`` runs after one warm-up (the first Arrow call pays a one-off setup)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def bench_generation(n: int) -> None:
     cfg = TaskConfig()
-    ours = best_of(lambda: render.questions(sample(cfg, n, np.random.default_rng(0))))
+    ours = median_seconds(lambda: render.questions(sample(cfg, n, np.random.default_rng(0))))
     problems = [generate(cfg, n // 10, 1).problem(i) for i in range(n // 10)]
-    peer = best_of(lambda: [(p.solve(), p.question()) for p in problems], repeats=3) * 10
+    peer = median_seconds(lambda: [(p.solve(), p.question()) for p in problems], repeats=3) * 10
     print(f"generation   ours {n / ours:12,.0f} problems/s   peer (row-at-a-time) {n / peer:10,.0f}/s   "
           f"ratio {peer / ours:5.1f}x   target >= 250,000/s")
 
@@ -97,8 +87,8 @@ def peer_score(response: str, truth: dict) -> float:
 
 def bench_scoring(n: int) -> None:
     responses, truths = response_mix(n)
-    ours = best_of(lambda: compute_score_batch(None, responses, truths), repeats=3)
-    peer = best_of(lambda: [peer_score(r, t) for r, t in zip(responses, truths, strict=True)], repeats=3)
+    ours = median_seconds(lambda: compute_score_batch(None, responses, truths), repeats=3)
+    peer = median_seconds(lambda: [peer_score(r, t) for r, t in zip(responses, truths, strict=True)], repeats=3)
     print(f"scoring      ours {n / ours:12,.0f} responses/s  peer (regex scorer) {n / peer:10,.0f}/s   "
           f"ratio {peer / ours:5.1f}x   target >= 500,000/s")
 
