@@ -35,4 +35,7 @@ def tiny_config(group: str, **overrides) -> PretrainedConfig:
         raise ValueError(f"group={group!r}: valid groups are {list(GROUPS)}")
     if group != "baseline":
         return mla_config(group, **overrides)
-    return matched_baseline(mla_config("mla_lru_adaptive"), Qwen2Config(**{**TINY, **TINY_BASELINE}), **overrides)
+    # Match against the adaptive model with the same shared overrides (a tokenizer's vocabulary, say).
+    shared = {k: v for k, v in overrides.items() if k in TINY or k.endswith("token_id")}
+    target = mla_config("mla_lru_adaptive", **shared)
+    return matched_baseline(target, Qwen2Config(**{**TINY, **TINY_BASELINE}), **overrides)

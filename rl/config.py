@@ -51,12 +51,9 @@ class ModelConfig:
     group: str = "mla_lru_adaptive"
     path: str | None = None  # a local transformers checkpoint; None: the group's tiny preset from scratch
     overrides: dict = field(default_factory=dict)  # config fields of the tiny preset
-    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _require(self.group in GROUPS, "model.group", self.group, f"valid groups are {list(GROUPS)}")
-        _require(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", self.dtype,
-                 "use float32, bfloat16 or float16")
 
 
 @dataclass

@@ -48,6 +48,13 @@ def test_matched_baseline_is_within_one_mlp_unit_of_the_target():
                          Qwen2Config(**QWEN25_05B))
 
 
+def test_matching_follows_shared_overrides_like_a_tokenizers_vocabulary():
+    baseline = models.tiny_config("baseline", vocab_size=240, eos_token_id=1)
+    target = models.tiny_config("mla_lru_adaptive", vocab_size=240)
+    assert baseline.vocab_size == 240
+    assert abs(count_params(baseline) - count_params(target)) <= 3 * baseline.hidden_size * baseline.num_hidden_layers
+
+
 def test_cli_table(capsys):
     main([])
     out = capsys.readouterr().out

@@ -66,6 +66,18 @@ def test_rerun_with_another_config_is_refused(tmp_path):
         run(tmp_path, "trainer.steps=1", "algorithm.kl_coef=0.5")
 
 
+def test_parquet_source(tmp_path):
+    from data.causal_loop.__main__ import main as write_dataset
+
+    write_dataset(["--local_dir", str(tmp_path / "data"), "--num_samples", "40", "--num_test", "8", "--num_heldout",
+                   "4", "--levels", "1", "--num_vars", "2,2", "--quiet"])
+    files = [f"data.train_files=[{tmp_path / 'data' / 'train.parquet'}]",
+             f"data.eval_files=[{tmp_path / 'data' / 'test.parquet'}, {tmp_path / 'data' / 'test_more_vars.parquet'}]"]
+    run(tmp_path / "run", "data.source=parquet", *files, "trainer.steps=2").train()
+    rows = read_metrics(tmp_path / "run")
+    assert "eval/test/acc" in rows[-1] and "eval/test_more_vars/acc" in rows[-1]
+
+
 @pytest.mark.timeout(180)
 def test_two_rollout_workers(tmp_path):
     r = run(tmp_path, "trainer.steps=1", "rollout.workers=2", "trainer.prompts_per_step=3")
