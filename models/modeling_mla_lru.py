@@ -139,7 +139,7 @@ class LatentReasoningUnit(nn.Module):
         state = state or self.empty_state(latent)
         b, t, c = latent.shape
         keep = valid[..., None]  # masking by torch.where, not multiplication: pad rows may hold inf/NaN
-        new_state = LRUState(torch.empty_like(state.conv),
+        new_state = LRUState(torch.empty_like(state.conv),  # every slot is written below
                              None if state.running_sum is None else torch.empty_like(state.running_sum),
                              None if state.count is None else state.count + valid.sum(dim=1))
         h = torch.where(keep, latent, 0.0)  # pads hold zero states, as positions before a sequence's start do
@@ -155,6 +155,8 @@ class LatentReasoningUnit(nn.Module):
             window = torch.cat([state.conv[:, k], h], dim=1)  # (B, W-1+T, C)
             new_state.conv[:, k] = window[:, window.shape[1] - (self.kernel - 1):]
             if not bool(running.any()):  # everything halted: the remaining iterations change nothing
+                if new_state.running_sum is not None:  # but the frozen states still enter the running means
+                    new_state.running_sum[:, k] = state.running_sum[:, k] + (h * valid[..., None]).sum(1)
                 if return_states:
                     states.append(h)
                 continue

@@ -70,6 +70,28 @@ def test_cached_decode_equals_full_forward_with_left_padding(group, attn, overri
     assert (full - cached)[real].abs().max() <= 1e-4
 
 
+def test_state_after_every_position_halted_early_is_complete_and_exact():
+    # A strong halting bias makes every position halt at the first iteration, so the later iterations are
+    # skipped; their slots of the per-sequence state (conv windows, running sums) must still be written.
+    model = build("mla_lru_adaptive", lru_global_halting=0.5)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.lru.halt.bias.fill_(20.0)
+            layer.self_attn.lru.halt_global.bias.fill_(20.0)
+    ids, mask, positions = left_padded_batch(seed=6)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        cached = decode_step_by_step(model, ids, mask, positions, prefill=5)
+    assert (full.lru_iterations[:, mask.bool()] == 1).all()
+    assert (full.logits - cached)[mask.bool()].abs().max() <= 1e-4
+    with torch.no_grad():
+        cache = model(ids, attention_mask=mask, position_ids=positions, past_key_values=LatentCache(
+            config=model.config), use_cache=True).past_key_values
+    for state in cache.lru_states.values():  # frozen after iteration 1: every iteration's running sum is the same
+        sums = state.running_sum  # (B, K, C)
+        assert torch.allclose(sums, sums[:, :1].expand_as(sums), atol=1e-5)
+
+
 @pytest.mark.parametrize("group", ["mla_only", "mla_lru_adaptive"])
 def test_absorbed_decode_equals_naive_decode(group):
     model = build(group)
