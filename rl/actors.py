@@ -30,9 +30,10 @@ def _model_from(config, state_dict: dict, device: str):
     return model.to(device)
 
 
-@ray.remote(max_restarts=1)
+@ray.remote
 class RolloutWorker:
-    """Holds a copy of the policy; generates; takes new weights every step (stateless apart from them)."""
+    """Holds a copy of the policy; generates; takes new weights every step. Not restarted when it dies: a
+    restarted worker would sample from its initial weights; the driver reports the death and stops."""
 
     def __init__(self, config, state_dict: dict, pad_token_id: int, device: str):
         _threads()
@@ -120,7 +121,7 @@ def _to(batch: RolloutBatch, device: str) -> RolloutBatch:
     return RolloutBatch(**{k: v.to(device) for k, v in vars(batch).items()})
 
 
-RewardScorer = ray.remote(max_restarts=1)(RewardRunner)
+RewardScorer = ray.remote(max_restarts=1)(RewardRunner)  # stateless: safe to restart
 SCORER_CPUS = 0.1
 
 
