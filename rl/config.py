@@ -91,6 +91,7 @@ class AlgorithmConfig:
     entropy_coef: float = 0.0
     whiten_advantages: bool = True
     agg: str = "token-mean"
+    old_logprobs_from_rollout: bool = False  # skip the trainer's old-logprob forward (on-policy shortcut)
 
     def __post_init__(self) -> None:
         _require(self.advantage in ("gae", "grpo"), "algorithm.advantage", self.advantage, "use 'gae' or 'grpo'")

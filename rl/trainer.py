@@ -48,6 +48,7 @@ class PPOSettings:
     max_grad_norm: float = 1.0
     temperature: float = 1.0
     max_bad_steps: int = 3  # consecutive non-finite updates before the run stops
+    old_logprobs_from_rollout: bool = False  # reuse the rollout's logprobs instead of a trainer forward
 
 
 @dataclass
@@ -116,8 +117,14 @@ class PPOTrainer:
             attention_mask=torch.cat([rollout.prompt_mask, rollout.response_mask], dim=1),
             response_mask=mask, old_logprobs=None, ref_logprobs=None, values=torch.zeros_like(mask),
             rewards=None, advantages=None, returns=None)
-        exp.old_logprobs = self._logprobs(self._logits(self.policy, exp)[0], exp) * mask
-        exp.ref_logprobs = self._logprobs(self._logits(self.reference, exp)[0], exp) * mask
+        if self.s.old_logprobs_from_rollout:  # equal to the recomputation up to ~1e-6 (tests/rl/test_rollout.py)
+            exp.old_logprobs = rollout.logprobs.float() * mask
+        else:
+            exp.old_logprobs = self._logprobs(self._logits(self.policy, exp)[0], exp) * mask
+        if self.s.kl_coef:
+            exp.ref_logprobs = self._logprobs(self._logits(self.reference, exp)[0], exp) * mask
+        else:  # no KL term: skip the reference forward
+            exp.ref_logprobs = exp.old_logprobs
         if self.critic is not None:
             exp.values = self._values(exp)[0] * mask
         return exp
@@ -217,9 +224,11 @@ class PPOTrainer:
         loss = pg_loss
         entropy = core.entropy_from_logits(logits)
         loss = loss - self.s.entropy_coef * core.agg_loss(entropy, mask, self.s.agg, **counts)
-        kl = core.kl_penalty(logp, part.ref_logprobs, self.s.kl_estimator)
-        if self.s.kl_coef and not self.s.kl_in_reward:
-            loss = loss + self.s.kl_coef * core.agg_loss(kl, mask, self.s.agg, **counts)
+        if self.s.kl_coef:  # without a KL term the reference is never run, so there is no KL to report
+            kl = core.kl_penalty(logp, part.ref_logprobs, self.s.kl_estimator)
+            metrics["kl_ref"] = core.masked_mean(kl, mask).detach()
+            if not self.s.kl_in_reward:
+                loss = loss + self.s.kl_coef * core.agg_loss(kl, mask, self.s.agg, **counts)
         aux = getattr(out, "aux_loss", None)
         if aux is not None:  # the model's LRU auxiliary loss, already weighted by its config
             loss = loss + aux * aux_share
@@ -227,7 +236,7 @@ class PPOTrainer:
             metrics["lru_iterations"] = out.lru_stats["iterations_mean"]
             metrics["lru_ponder"] = out.lru_stats["ponder"]
         metrics.update(pg_loss=pg_loss.detach(), actor_loss=loss.detach(),
-                       entropy=core.masked_mean(entropy, mask).detach(), kl_ref=core.masked_mean(kl, mask).detach())
+                       entropy=core.masked_mean(entropy, mask).detach())
         return loss, metrics
 
     def _value_loss(self, part: Experience, counts: dict) -> tuple[torch.Tensor, dict]:

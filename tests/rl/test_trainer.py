@@ -48,6 +48,20 @@ def test_prepare_places_the_score_on_the_last_token_and_old_logprobs_match_the_r
     assert exp.rewards.sum() == pytest.approx(scores.sum().item(), abs=1e-4)
 
 
+def test_on_policy_shortcuts_skip_the_extra_forwards():
+    model = policy("mla_only")
+    trainer = trainer_for(model, advantage="grpo", kl_coef=0.0, old_logprobs_from_rollout=True)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("no forward of the reference without a KL term")
+
+    trainer.reference.forward = refuse
+    batch = rollout(model)
+    exp = trainer.prepare(batch, torch.rand(batch.response_ids.shape[0]))
+    assert torch.equal(exp.old_logprobs, batch.logprobs * batch.response_mask)
+    assert "kl_ref" not in trainer.update(exp)
+
+
 def test_grpo_advantages_are_group_normalised_scores():
     model = policy()
     trainer = trainer_for(model, advantage="grpo")
