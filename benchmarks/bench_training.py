@@ -81,7 +81,8 @@ def trl(rows, tokenizer, group: str, args) -> float:
         config = GRPOConfig(output_dir=out, per_device_train_batch_size=args.prompts * args.n,
                             num_generations=args.n, max_completion_length=args.new, max_steps=args.steps,
                             learning_rate=1e-5, logging_steps=1000, save_strategy="no", report_to=[],
-                            use_cpu=True, bf16=False, beta=0.0, temperature=1.0, disable_tqdm=True)
+                            use_cpu=True, bf16=False, beta=0.0, temperature=1.0, disable_tqdm=True,
+                            gradient_checkpointing=False)  # ours does not checkpoint either
         trainer = GRPOTrainer(model=make_model(tokenizer, group), reward_funcs=reward, args=config,
                               train_dataset=data, processing_class=tokenizer)
         start = time.perf_counter()

@@ -92,9 +92,11 @@ class PPOTrainer:
 
     def _logits(self, model, exp: Experience):
         positions = (exp.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(exp.input_ids, attention_mask=exp.attention_mask, position_ids=positions, use_cache=False)
         r = exp.response_mask.shape[1]
-        logits = out.logits[:, -r - 1: -1].float()  # the logits that predicted the response tokens
+        # Only the positions that predict response tokens go through the LM head.
+        out = model(exp.input_ids, attention_mask=exp.attention_mask, position_ids=positions, use_cache=False,
+                    logits_to_keep=r + 1)
+        logits = out.logits[:, :-1].float()  # (B, R, V): the logits that predicted the response tokens
         return logits / self.s.temperature if self.s.temperature > 0 else logits, out
 
     def _logprobs(self, logits: torch.Tensor, exp: Experience) -> torch.Tensor:
