@@ -37,6 +37,7 @@ from data.tokenizer import build_tokenizer
 from rl import checkpoint
 from rl.actors import SCORER_CPUS, RewardScorerPool, RolloutWorker, TrainerWorker
 from rl.config import ExperimentConfig, load_config
+from rl.report import write_report
 from rl.rollout import SamplingParams, concat_rollouts
 from rl.tracking import MetricsLogger
 from rl.trainer import PPOSettings
@@ -286,6 +287,7 @@ class Run:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.logger.close()
+        write_report(self.dir)
         return self.dir
 
     def _resume(self) -> int:

@@ -15,6 +15,7 @@ def _plain(value):
 class MetricsLogger:
     def __init__(self, run_dir: Path, config: dict, wandb_mode: str = "offline", project: str = "lru-rl",
                  name: str | None = None):
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
         self.path = Path(run_dir) / "metrics.jsonl"
         self.run = None
         if wandb_mode != "disabled":

@@ -3,6 +3,7 @@ resume giving the same curve as an uninterrupted run, Ctrl-C leaving a resumable
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -44,6 +45,10 @@ def test_run_writes_checkpoints_metrics_and_syncs_weights(tmp_path):
                 "response/length_mean", "throughput/tokens_per_s", "time/rollout", "time/score", "time/train",
                 "time/sync", "eval/test/acc", "eval/test_more_vars/acc"):
         assert key in rows[2], key
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 2 and "test/acc" in summary["heldout_before_ppo"] and summary["curves"]
+    assert (tmp_path / "curves" / "reward.png").read_bytes()[:4] == b"\x89PNG"
+    assert "after warm start" in (tmp_path / "report.md").read_text()
     trainer_sum = ray.get(r.trainer.weights_checksum.remote())
     assert ray.get(r.workers[0].weights_checksum.remote()) == trainer_sum  # the pushed weights are the trainer's
 
