@@ -264,7 +264,9 @@ class Run:
     def train(self) -> Path:
         start = self._resume()
         if start == 0 and self.cfg.trainer.sft_steps:
-            self.warm_start()
+            self.warm_start()  # logs the held-out evaluation of the warm-started model as step 0
+        elif start == 0:
+            self.logger.log(0, self.evaluate())  # the "before PPO" point of the report
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         steps = self.cfg.trainer.steps
         try:
