@@ -122,7 +122,9 @@ def _to(batch: RolloutBatch, device: str) -> RolloutBatch:
 
 
 RewardScorer = ray.remote(max_restarts=1)(RewardRunner)  # stateless: safe to restart
-SCORER_CPUS = 0.1
+# Logical CPU shares: PPO runs its phases one after another, so the shares need not add up to the cores
+# used; they only tell Ray how many actors fit on a node.
+TRAINER_CPUS, WORKER_CPUS, SCORER_CPUS = 0.5, 0.25, 0.1
 
 
 class RewardScorerPool:

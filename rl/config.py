@@ -178,17 +178,12 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {f.name: f.type for f in fields(ExperimentConfig)}
-
-
-def _section_class(name: str):
-    return {"data": DataConfig, "model": ModelConfig, "rollout": RolloutConfig, "algorithm": AlgorithmConfig,
-            "trainer": TrainerConfig, "reward": RewardConfig, "logging": LoggingConfig}[name]
+SECTIONS = typing.get_type_hints(ExperimentConfig)  # section name -> its dataclass
 
 
 def _coerce(section: str, name: str, value, annotation: str):
     """Check a YAML / command-line value against the field's annotation (ints widen to floats)."""
-    hint = typing.get_type_hints(_section_class(section))[name]
+    hint = typing.get_type_hints(SECTIONS[section])[name]
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     allowed = tuple(typing.get_origin(a) or a for a in allowed)
     if value is None and type(None) in allowed:
@@ -214,7 +209,7 @@ def build_config(values: dict) -> ExperimentConfig:
         raise ValueError(f"unknown config section(s) {sorted(unknown)}; valid sections are {list(SECTIONS)}")
     sections = {}
     for section in SECTIONS:
-        cls, given = _section_class(section), values.get(section) or {}
+        cls, given = SECTIONS[section], values.get(section) or {}
         if not isinstance(given, dict):
             raise ValueError(f"{section}: expected a mapping of fields, got {given!r}")
         names = {f.name: f.type for f in fields(cls)}

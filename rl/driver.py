@@ -35,16 +35,12 @@ import models
 from data.causal_loop import ProblemStream, TaskConfig, build_splits, heldout_configs, to_table
 from data.tokenizer import build_tokenizer
 from rl import checkpoint
-from rl.actors import SCORER_CPUS, RewardScorerPool, RolloutWorker, TrainerWorker
+from rl.actors import SCORER_CPUS, TRAINER_CPUS, WORKER_CPUS, RewardScorerPool, RolloutWorker, TrainerWorker
 from rl.config import ExperimentConfig, load_config
 from rl.report import write_report
 from rl.rollout import SamplingParams, concat_rollouts
 from rl.tracking import MetricsLogger
 from rl.trainer import PPOSettings
-
-# Logical CPU shares of the actors: PPO runs its phases one after another, so they need not add up to
-# the cores they use; they only tell Ray how many actors fit on a node.
-TRAINER_CPUS, WORKER_CPUS = 0.5, 0.25
 
 
 class PromptSource:

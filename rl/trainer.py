@@ -80,8 +80,7 @@ class PPOTrainer:
         self.policy, self.reference, self.critic, self.s = policy, reference.eval(), critic, settings
         self.reference.requires_grad_(False)
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-        self.critic_optimizer = (torch.optim.AdamW(critic.v_head.parameters() if critic.lm is policy else
-                                                   critic.parameters(), lr=settings.critic_lr)
+        self.critic_optimizer = (torch.optim.AdamW(critic.parameters(), lr=settings.critic_lr)
                                  if critic is not None else None)
         warmup = lambda step: min(1.0, (step + 1) / settings.warmup_steps) if settings.warmup_steps else 1.0  # noqa: E731
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup)
