@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import signal
 import sys
@@ -24,7 +25,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 import torch
 import yaml
@@ -32,56 +32,15 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import models
-from data.causal_loop import ProblemStream, TaskConfig, build_splits, heldout_configs, to_table
 from data.tokenizer import build_tokenizer
 from rl import checkpoint
 from rl.actors import SCORER_CPUS, TRAINER_CPUS, WORKER_CPUS, RewardScorerPool, RolloutWorker, TrainerWorker
 from rl.config import ExperimentConfig, load_config
+from rl.prompts import PromptSource, encode_prompt
 from rl.report import write_report
 from rl.rollout import SamplingParams, concat_rollouts
-from rl.tracking import MetricsLogger
+from rl.tracking import MetricsLogger, run_info
 from rl.trainer import PPOSettings
-
-
-class PromptSource:
-    """Training rows (the endless stream, or parquet files cycled) and the held-out evaluation sets."""
-
-    def __init__(self, cfg, seed: int):
-        self.cfg = cfg
-        if cfg.source == "stream":
-            task = TaskConfig(**cfg.task)
-            splits = build_splits(task, 0, cfg.eval_size, seed + 1, heldout_configs(task), cfg.eval_size)
-            self.eval_sets = {name: to_table(b, name, k, cfg.template).to_pylist() for name, (b, k) in splits.items()}
-            excluded = np.concatenate([k for _, k in splits.values()])
-            self.stream = ProblemStream(task, seed=seed, chunk_size=256, exclude_keys=excluded)
-        else:
-            self.rows = [r for f in cfg.train_files for r in pq.read_table(f).to_pylist()]
-            self.position = 0
-            self.eval_sets = {Path(f).stem: pq.read_table(f).to_pylist()[: cfg.eval_size] for f in cfg.eval_files}
-
-    def next_rows(self, n: int) -> list[dict]:
-        if self.cfg.source == "stream":
-            return to_table(self.stream.next_batch(n), "train", template=self.cfg.template).to_pylist()
-        rows = [self.rows[(self.position + i) % len(self.rows)] for i in range(n)]
-        self.position += n
-        return rows
-
-    def state_dict(self) -> dict:
-        return {"stream": self.stream.state_dict()} if self.cfg.source == "stream" else {"position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.cfg.source == "stream":
-            self.stream.load_state_dict(state["stream"])
-        else:
-            self.position = state["position"]
-
-
-def encode_prompt(tokenizer, row: dict, template: str) -> list[int]:
-    if template == "chat":
-        text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-    else:
-        text = row["prompt"][0]["content"]
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def build_model_and_tokenizer(cfg: ExperimentConfig):
@@ -119,6 +78,7 @@ class Run:
         device = "cuda" if cfg.trainer.device == "auto" and torch.cuda.is_available() else (
             "cpu" if cfg.trainer.device == "auto" else cfg.trainer.device)
         model, self.tokenizer = build_model_and_tokenizer(cfg)
+        (self.dir / "run_info.json").write_text(json.dumps(run_info(model, cfg.model.group), indent=2))
         self.data = PromptSource(cfg.data, cfg.data.seed)
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
@@ -217,11 +177,12 @@ class Run:
                 "time/step": time.perf_counter() - start,
                 "throughput/tokens_per_s": tokens / (time.perf_counter() - start)}
 
-    def evaluate(self) -> dict:
-        """Greedy accuracy on every held-out set, overall and by level."""
+    def evaluate(self, step: int) -> dict:
+        """Greedy accuracy on every held-out set, overall and by level. Each problem's result goes to
+        evals/step_N.json, for the paired tests of rl.compare (same problems before and after PPO)."""
         greedy = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.rollout.max_new_tokens,
                                 stop_token_ids=(self.tokenizer.eos_token_id,))
-        out = {}
+        out, records = {}, {}
         for name, rows in self.data.eval_sets.items():
             batch = self.rollout([encode_prompt(self.tokenizer, r, self.cfg.data.template) for r in rows], greedy,
                                  [0] * len(rows))
@@ -235,6 +196,13 @@ class Run:
             for row, a in zip(rows, acc, strict=True):
                 by_level[row["extra_info"].get("level", 0)].append(a)
             out.update({f"eval/{name}/acc_level{lv}": float(np.nanmean(v)) for lv, v in sorted(by_level.items())})
+            records[name] = {"acc": [float(np.nan_to_num(a)) for a in acc],
+                             **{k: [r["extra_info"].get(k) for r in rows] for k in ("index", "level", "num_vars",
+                                                                                    "num_steps")}}
+        path = self.dir / "evals" / f"step_{step:06d}.json"
+        path.parent.mkdir(exist_ok=True)
+        path.with_suffix(".tmp").write_text(json.dumps(records))
+        path.with_suffix(".tmp").replace(path)
         return out
 
     def save(self, step: int) -> str:
@@ -253,7 +221,7 @@ class Run:
         weights = self.trainer.weights.remote()
         ray.get([w.load_weights.remote(weights) for w in self.workers])
         self.logger.log(0, {"sft/loss_first": losses[0], "sft/loss_last": float(np.mean(losses[-10:])),
-                            **self.evaluate()})
+                            **self.evaluate(0)})
 
     # ---- the loop ------------------------------------------------------------------------------------
 
@@ -262,7 +230,7 @@ class Run:
         if start == 0 and self.cfg.trainer.sft_steps:
             self.warm_start()  # logs the held-out evaluation of the warm-started model as step 0
         elif start == 0:
-            self.logger.log(0, self.evaluate())  # the "before PPO" point of the report
+            self.logger.log(0, self.evaluate(0))  # the "before PPO" point of the report
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         steps = self.cfg.trainer.steps
         try:
@@ -272,7 +240,7 @@ class Run:
                     metrics = self.step(step)
                     last = step == steps or self.stop_requested
                     if step % self.cfg.trainer.eval_every == 0 or last:
-                        metrics.update(self.evaluate())
+                        metrics.update(self.evaluate(step))
                     self.logger.log(step, metrics)
                     bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
                                     acc=f"{metrics.get('reward/acc', float('nan')):.2f}",

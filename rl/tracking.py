@@ -47,3 +47,30 @@ class MetricsLogger:
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def run_info(model, group: str) -> dict:
+    """What a run trained, recorded beside its config: architecture, parameter count, code and packages."""
+    import importlib.metadata
+    import platform
+    import subprocess
+
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    return {"group": group, "model_class": type(model).__name__, "model_type": model.config.model_type,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "git_commit": commit, "git_dirty": bool(git("status", "--porcelain")) if commit else None,
+            "python": platform.python_version(),
+            "packages": {p: version(p) for p in ("torch", "transformers", "ray", "numpy", "pyarrow", "wandb")}}

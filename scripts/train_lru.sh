@@ -6,12 +6,13 @@
 # Builds the causal-loop dataset in DATA_DIR (unless it is there) and checks the reward on it, then trains
 # the group's model with PPO (python -m rl.driver, preset rl/presets/tiny.yaml): a supervised warm start
 # on worked solutions, then PPO on the causal-loop stream. "all" trains the four groups one after another
-# with the same data, budget and seeds. Extra arguments override config fields.
+# with the same data, budget and seeds, then compares them (comparison.md: accuracies with intervals and
+# paired tests). Extra arguments override config fields.
 set -euo pipefail
 
 GROUPS_VALID="baseline mla_only mla_lru_fixed mla_lru_adaptive all"
 usage() {
-  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
   cat <<USAGE
 
 Environment:
@@ -71,9 +72,13 @@ train_group() {  # $1: group, $2: run directory, then overrides
 }
 
 if [[ "$GROUP" == "all" ]]; then
+  runs=()
   for g in baseline mla_only mla_lru_fixed mla_lru_adaptive; do
     train_group "$g" "$OUTPUT_DIR/$EXPERIMENT_NAME/$g" "$@"
+    runs+=("$OUTPUT_DIR/$EXPERIMENT_NAME/$g")
   done
+  echo "[compare] $OUTPUT_DIR/$EXPERIMENT_NAME/comparison.md"
+  "$PYTHON" -m rl.compare "${runs[@]}" --out "$OUTPUT_DIR/$EXPERIMENT_NAME"
 else
   train_group "$GROUP" "$OUTPUT_DIR/$EXPERIMENT_NAME" "$@"
 fi

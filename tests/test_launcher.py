@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -38,3 +39,19 @@ def test_launcher_rejects_unknown_groups_and_bad_overrides(tmp_path):
     assert launch("gpt5").returncode == 2
     bad = launch("mla_only", "trainer.lr=-1", OUTPUT_DIR=str(tmp_path))
     assert bad.returncode == 2 and "trainer.lr" in bad.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_launcher_all_trains_the_four_groups_and_compares_them(tmp_path):
+    result = launch("all", *BUDGET[1:], "trainer.steps=1", OUTPUT_DIR=str(tmp_path), EXPERIMENT_NAME="study")
+    assert result.returncode == 0, result.stdout + result.stderr
+    study = tmp_path / "study"
+    for group in ("baseline", "mla_only", "mla_lru_fixed", "mla_lru_adaptive"):
+        info = json.loads((study / group / "run_info.json").read_text())
+        assert info["group"] == group  # each group trains its own architecture
+        assert info["model_type"] == ("qwen2" if group == "baseline" else "mla_lru")
+    comparison = (study / "comparison.md").read_text()
+    assert all(f"| {g} | test |" in comparison for g in ("baseline", "mla_only", "mla_lru_adaptive"))
+    params = {g: r["parameters"] for g, r in json.loads((study / "comparison.json").read_text())["runs"].items()}
+    assert params["mla_only"] < params["mla_lru_adaptive"]

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import ray
+import torch
 
 from rl.config import load_config
 from rl.driver import Run
@@ -51,6 +52,12 @@ def test_run_writes_checkpoints_metrics_and_syncs_weights(tmp_path):
     assert "after warm start" in (tmp_path / "report.md").read_text()
     trainer_sum = ray.get(r.trainer.weights_checksum.remote())
     assert ray.get(r.workers[0].weights_checksum.remote()) == trainer_sum  # the pushed weights are the trainer's
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert info["model_type"] == "mla_lru" and info["parameters"] > 0 and info["packages"]["torch"] == torch.__version__
+    evals = sorted(p.name for p in (tmp_path / "evals").iterdir())
+    assert evals == ["step_000000.json", "step_000002.json"]
+    final = json.loads((tmp_path / "evals" / "step_000002.json").read_text())
+    assert sum(final["test"]["acc"]) / len(final["test"]["acc"]) == pytest.approx(rows[2]["eval/test/acc"])
 
 
 def test_resume_continues_the_same_curve(tmp_path):

@@ -1,0 +1,202 @@
+"""Evaluate a checkpoint on held-out problems: greedy accuracy, pass@k, LRU iterations vs difficulty.
+
+    python -m rl.evaluate outputs/run                                   # the run's latest checkpoint
+    python -m rl.evaluate outputs/run/checkpoints/step_000040 --k 8 --out eval.json
+    python -m rl.evaluate path/to/hf_model --data test.parquet heldout_more_steps.parquet
+
+Problems come from verl-schema parquet files (``--data``), or else from the run's ``config.yaml``: the
+same held-out splits, seeded the same way, that training evaluated on. Accuracy is broken down by
+level, number of variables and number of steps. pass@k is the unbiased estimator of Chen et al.
+(2021) over ``--samples`` samples per problem (default k). For models with a Latent Reasoning Unit the
+iterations it ran are averaged over each greedy response's tokens (a teacher-forced forward of prompt
++ response) and related to difficulty with Spearman's rank correlation against the number of steps.
+No Ray: one process, the ``torch`` rollout engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import yaml
+from scipy.special import comb
+from scipy.stats import spearmanr
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rl import checkpoint
+from rl.config import load_config
+from rl.prompts import PromptSource, encode_prompt
+from rl.reward_scorer import RewardRunner
+from rl.rollout import RolloutBatch, SamplingParams, TorchRolloutEngine
+
+DIFFICULTY = ("level", "num_vars", "num_steps")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Probability that at least one of k samples drawn without replacement from n (c correct) is correct."""
+    if n - c < k:
+        return 1.0
+    return float(1.0 - comb(n - c, k, exact=True) / comb(n, k, exact=True))
+
+
+def resolve_model_dir(path: Path) -> tuple[Path, Path | None]:
+    """(directory holding the policy's weights and tokenizer, run directory or None) for a run directory,
+    a checkpoint step directory, or a plain Hugging Face model directory."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        run = path.parents[2] if path.name == "policy" and path.parent.parent.name == "checkpoints" else None
+        return path, run
+    if (path / "policy").is_dir():
+        if not (path / checkpoint.COMPLETE).is_file():
+            raise ValueError(f"{path} is not a complete checkpoint (no {checkpoint.COMPLETE} marker)")
+        return path / "policy", path.parent.parent
+    latest = checkpoint.latest_checkpoint(path)
+    if latest is None:
+        raise ValueError(f"{path}: not a model directory (no config.json), a checkpoint (no policy/) or a run "
+                         "directory with a complete checkpoint")
+    return latest / "policy", path
+
+
+def load_problem_sets(data_files: list[str], run_dir: Path | None, size: int | None) -> dict[str, list[dict]]:
+    if data_files:
+        sets = {}
+        for f in data_files:
+            if not Path(f).is_file():
+                raise ValueError(f"--data {f}: no such file")
+            sets[Path(f).stem] = pq.read_table(f).to_pylist()[:size]
+        return sets
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        raise ValueError("no problems to evaluate on: pass --data FILE.parquet, or a checkpoint inside a run "
+                         "directory (its config.yaml says which held-out splits training used)")
+    cfg = load_config(run_dir / "config.yaml", [])
+    if size:
+        cfg.data.eval_size = size
+    return PromptSource(cfg.data, cfg.data.seed).eval_sets
+
+
+@torch.no_grad()
+def response_iterations(model, batch: RolloutBatch) -> np.ndarray | None:
+    """Mean LRU iterations over each response's tokens (averaged over LRU layers); None without an LRU."""
+    ids = torch.cat([batch.prompt_ids, batch.response_ids], 1)
+    mask = torch.cat([batch.prompt_mask, batch.response_mask.long()], 1)
+    out = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
+    iterations = getattr(out, "lru_iterations", None)
+    if iterations is None:
+        return None
+    per_token = iterations.float().mean(0)[:, batch.prompt_ids.shape[1]:]  # (B, R)
+    response = batch.response_mask.float()
+    return (per_token * response).sum(1).div(response.sum(1).clamp(min=1)).numpy()
+
+
+def _breakdown(rows: list[dict], values: np.ndarray) -> dict[str, dict[str, float]]:
+    out = {}
+    for key in DIFFICULTY:
+        groups = defaultdict(list)
+        for row, v in zip(rows, values, strict=True):
+            groups[row.get("extra_info", {}).get(key)].append(v)
+        if None not in groups:
+            out[key] = {str(k): float(np.mean(v)) for k, v in sorted(groups.items())}
+    return out
+
+
+def evaluate_set(model, tokenizer, scorer: RewardRunner, rows: list[dict], template: str, k: int, samples: int,
+                 temperature: float, max_new_tokens: int, seed: int) -> dict:
+    engine = TorchRolloutEngine(model, pad_token_id=tokenizer.pad_token_id)
+    prompts = [encode_prompt(tokenizer, r, template) for r in rows]
+    stop = (tokenizer.eos_token_id,)
+
+    def run(params: SamplingParams):
+        batch = engine.generate(prompts, params, [seed + i for i in range(len(rows))])
+        texts = [tokenizer.decode(i[m.bool()], skip_special_tokens=True)
+                 for i, m in zip(batch.response_ids, batch.response_mask, strict=True)]
+        picked = [rows[i] for i in batch.prompt_index.tolist()]
+        scored = scorer.score([r["data_source"] for r in picked], texts,
+                              [r["reward_model"]["ground_truth"] for r in picked], [r["extra_info"] for r in picked])
+        acc = np.nan_to_num(np.asarray(scored.parts.get("acc", scored.scores), dtype=float))
+        return batch, acc, np.asarray(scored.scores), texts
+
+    greedy_params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=stop)
+    greedy, acc, scores, texts = run(greedy_params)
+    result = {"problems": len(rows), "greedy_acc": float(acc.mean()), "greedy_score": float(scores.mean()),
+              "greedy_acc_by": _breakdown(rows, acc),
+              "response_length_mean": float(greedy.response_lengths.float().mean()), "greedy_responses": texts}
+    if samples:
+        _, sampled, _, _ = run(SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, n=samples,
+                                           stop_token_ids=stop))
+        correct = sampled.reshape(len(rows), samples).sum(1).astype(int)
+        passes = np.array([pass_at_k(samples, int(c), k) for c in correct])
+        result.update({"sampled_acc": float(sampled.mean()), f"pass@{k}": float(passes.mean()),
+                       f"pass@{k}_by": _breakdown(rows, passes)})
+    iterations = response_iterations(model, greedy)
+    if iterations is not None:
+        result["lru_iterations_mean"] = float(iterations.mean())
+        result["lru_iterations_by"] = _breakdown(rows, iterations)
+        steps = [r.get("extra_info", {}).get("num_steps") for r in rows]
+        if None not in steps and len(set(steps)) > 1 and np.ptp(iterations) > 0:
+            rho, p = spearmanr(steps, iterations)
+            result["lru_iterations_vs_steps"] = {"spearman_rho": float(rho), "p_value": float(p)}
+    return result
+
+
+def markdown(results: dict[str, dict], k: int) -> str:
+    lines = [f"| set | problems | greedy acc | sampled acc | pass@{k} | LRU iterations |", "|---|---|---|---|---|---|"]
+    num = lambda r, key: f"{r[key]:.3f}" if key in r else "n/a"  # noqa: E731
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['problems']} | {num(r, 'greedy_acc')} | {num(r, 'sampled_acc')} | "
+                     f"{num(r, f'pass@{k}')} | {num(r, 'lru_iterations_mean')} |")
+    for name, r in results.items():
+        for key in DIFFICULTY:
+            accs, its = r["greedy_acc_by"].get(key, {}), r.get("lru_iterations_by", {}).get(key, {})
+            if len(accs) > 1:
+                lines.append(f"\n{name}, by {key}: " + ", ".join(
+                    f"{v}: acc {a:.3f}" + (f", iterations {its[v]:.2f}" if v in its else "") for v, a in accs.items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="run directory (latest checkpoint), checkpoint step directory or model directory")
+    parser.add_argument("--data", nargs="*", default=[], help="verl-schema parquet files (default: the run's splits)")
+    parser.add_argument("--size", type=int, help="at most this many problems per set")
+    parser.add_argument("--k", type=int, default=4, help="pass@k (default 4)")
+    parser.add_argument("--samples", type=int, help="samples per problem for pass@k (default k; 0 = greedy only)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for pass@k")
+    parser.add_argument("--max-new-tokens", type=int, help="default: the run's rollout.max_new_tokens, else 64")
+    parser.add_argument("--template", choices=("chat", "base"), help="prompt template (default: the run's, else chat)")
+    parser.add_argument("--reward", default=None, help="reward function module:fn (default: the run's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    samples = args.k if args.samples is None else args.samples
+    if args.k < 1 or (samples and samples < args.k):
+        parser.error(f"--k {args.k} --samples {samples}: need k >= 1 and samples >= k (or samples 0)")
+    try:
+        model_dir, run_dir = resolve_model_dir(Path(args.model))
+        sets = load_problem_sets(args.data, run_dir, args.size)
+    except ValueError as e:
+        parser.error(str(e))
+    run_cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if run_dir and (run_dir / "config.yaml").is_file() \
+        else {}
+    reward = args.reward or run_cfg.get("reward", {}).get("function", "rewards.causal_loop:compute_score")
+    max_new = args.max_new_tokens or run_cfg.get("rollout", {}).get("max_new_tokens", 64)
+    template = args.template or run_cfg.get("data", {}).get("template", "chat")
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    scorer = RewardRunner(reward, run_cfg.get("reward", {}).get("kwargs", {}))
+    results = {name: evaluate_set(model, tokenizer, scorer, rows, template, args.k, samples, args.temperature, max_new,
+                                  args.seed) for name, rows in sets.items()}
+    print(f"model: {model_dir}\n\n{markdown(results, args.k)}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"model": str(model_dir), "k": args.k, "samples": samples,
+                                              "sets": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
