@@ -16,7 +16,7 @@ from models import ValueHeadModel
 from rl import checkpoint
 from rl.reward_scorer import RewardRunner, ScoredBatch
 from rl.rollout import RolloutBatch, SamplingParams, TorchRolloutEngine
-from rl.sft import sft_step
+from rl.sft import sft_step, warm_start_optimizer
 from rl.trainer import PPOSettings, PPOTrainer
 
 
@@ -74,8 +74,11 @@ class TrainerWorker:
         self.trainer = PPOTrainer(self.policy, reference, critic, self.settings)
 
     def sft(self, batches: list[tuple[list[list[int]], list[list[int]]]], lr: float, pad_token_id: int) -> list[float]:
-        optimizer = torch.optim.AdamW(self.policy.parameters(), lr=lr)
-        losses = [sft_step(self.policy, optimizer, prompts, responses, pad_token_id) for prompts, responses in batches]
+        optimizer, scheduler = warm_start_optimizer(self.policy, lr)
+        losses = []
+        for prompts, responses in batches:
+            losses.append(sft_step(self.policy, optimizer, prompts, responses, pad_token_id))
+            scheduler.step()
         self._rebuild()
         return losses
 

@@ -69,6 +69,12 @@ def compare(run_dirs: list[Path]) -> dict:
                    "acc_after": float(after.mean()), "ci_after": wilson(after),
                    "p_ppo_vs_warm_start": mcnemar_p(before, after)}
             tests.append((len(rows), "p_ppo_vs_warm_start"))
+            if "acc_sampled" in first[split] and "acc_sampled" in last[split]:
+                s_before = np.array(first[split]["acc_sampled"]) > 0.5
+                s_after = np.array(last[split]["acc_sampled"]) > 0.5
+                row.update({"sampled_before": float(s_before.mean()), "sampled_after": float(s_after.mean()),
+                            "p_sampled_ppo_vs_warm_start": mcnemar_p(s_before, s_after)})
+                tests.append((len(rows), "p_sampled_ppo_vs_warm_start"))
             if name != reference:
                 row[f"p_vs_{reference}"] = mcnemar_p(np.array(evals[reference][1][split]["acc"]) > 0.5, after)
                 tests.append((len(rows), f"p_vs_{reference}"))
@@ -111,6 +117,13 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['run']} | {r['split']} | {r['problems']} | {r['acc_before']:.3f} | "
                      f"{r['acc_after']:.3f} ({low:.3f}–{high:.3f}) | {r['p_ppo_vs_warm_start_holm']:.3g} | "
                      f"{num(r.get(f'p_vs_{ref}_holm'), '{:.3g}')} |")
+    sampled = [r for r in result["rows"] if "sampled_after" in r]
+    if sampled:
+        lines += ["", "One sample per problem at the rollout temperature (the distribution PPO trains), same seeds "
+                  "before and after:", "", "| run | split | after warm start | after PPO | p PPO vs warm start |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['run']} | {r['split']} | {r['sampled_before']:.3f} | {r['sampled_after']:.3f} | "
+                  f"{r['p_sampled_ppo_vs_warm_start_holm']:.3g} |" for r in sampled]
     return "\n".join(lines) + "\n"
 
 

@@ -177,26 +177,36 @@ class Run:
                 "time/step": time.perf_counter() - start,
                 "throughput/tokens_per_s": tokens / (time.perf_counter() - start)}
 
+    def _held_out_accuracy(self, rows: list[dict], params: SamplingParams, seeds: list[int]):
+        batch = self.rollout([encode_prompt(self.tokenizer, r, self.cfg.data.template) for r in rows], params, seeds)
+        scored = self.scorers.collect(self.scorers.submit(
+            [r["data_source"] for r in rows], self.decode(batch),
+            [r["reward_model"]["ground_truth"] for r in rows], [r["extra_info"] for r in rows]))
+        return np.nan_to_num(np.asarray(scored.parts.get("acc", scored.scores), dtype=float)), scored.scores
+
     def evaluate(self, step: int) -> dict:
-        """Greedy accuracy on every held-out set, overall and by level. Each problem's result goes to
-        evals/step_N.json, for the paired tests of rl.compare (same problems before and after PPO)."""
+        """Accuracy on every held-out set: greedy (overall and by level) and one sample per problem at the
+        rollout temperature, the distribution PPO trains (seeded per problem, the same at every evaluation,
+        so before/after differences are paired). Each problem's results go to evals/step_N.json for the
+        paired tests of rl.compare."""
         greedy = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.rollout.max_new_tokens,
                                 stop_token_ids=(self.tokenizer.eos_token_id,))
+        sampled = SamplingParams(temperature=self.cfg.rollout.temperature, top_k=self.cfg.rollout.top_k,
+                                 top_p=self.cfg.rollout.top_p, max_new_tokens=self.cfg.rollout.max_new_tokens,
+                                 stop_token_ids=(self.tokenizer.eos_token_id,))
         out, records = {}, {}
         for name, rows in self.data.eval_sets.items():
-            batch = self.rollout([encode_prompt(self.tokenizer, r, self.cfg.data.template) for r in rows], greedy,
-                                 [0] * len(rows))
-            scored = self.scorers.collect(self.scorers.submit(
-                [r["data_source"] for r in rows], self.decode(batch),
-                [r["reward_model"]["ground_truth"] for r in rows], [r["extra_info"] for r in rows]))
-            acc = scored.parts.get("acc", scored.scores)
-            out[f"eval/{name}/acc"] = float(np.nanmean(acc))
-            out[f"eval/{name}/score"] = float(np.mean(scored.scores))
+            acc, scores = self._held_out_accuracy(rows, greedy, [0] * len(rows))
+            acc_sampled, _ = self._held_out_accuracy(
+                rows, sampled, [step_seed(self.cfg.trainer.seed, 0, f"eval/{name}/{i}") for i in range(len(rows))])
+            out[f"eval/{name}/acc"] = float(acc.mean())
+            out[f"eval/{name}/acc_sampled"] = float(acc_sampled.mean())
+            out[f"eval/{name}/score"] = float(np.mean(scores))
             by_level = defaultdict(list)
             for row, a in zip(rows, acc, strict=True):
                 by_level[row["extra_info"].get("level", 0)].append(a)
-            out.update({f"eval/{name}/acc_level{lv}": float(np.nanmean(v)) for lv, v in sorted(by_level.items())})
-            records[name] = {"acc": [float(np.nan_to_num(a)) for a in acc],
+            out.update({f"eval/{name}/acc_level{lv}": float(np.mean(v)) for lv, v in sorted(by_level.items())})
+            records[name] = {"acc": acc.tolist(), "acc_sampled": acc_sampled.tolist(),
                              **{k: [r["extra_info"].get(k) for r in rows] for k in ("index", "level", "num_vars",
                                                                                     "num_steps")}}
         path = self.dir / "evals" / f"step_{step:06d}.json"

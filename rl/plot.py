@@ -27,10 +27,10 @@ CURVES = {
 
 
 def eval_keys(runs: dict[str, list[dict]]) -> dict[str, list[str]]:
-    """One curve per held-out split: eval/<split>/acc."""
+    """One curve per held-out split and decoding: eval/<split>/acc (greedy) and eval/<split>/acc_sampled."""
     keys = sorted({k for rows in runs.values() for row in rows for k in row
-                   if k.startswith("eval/") and k.endswith("/acc")})
-    return {f"heldout_{k.split('/')[1]}_accuracy": [k] for k in keys}
+                   if k.startswith("eval/") and k.endswith(("/acc", "/acc_sampled"))})
+    return {f"heldout_{k.split('/')[1]}_{'sampled_' if k.endswith('sampled') else ''}accuracy": [k] for k in keys}
 
 
 def plot_runs(run_dirs: list[Path], out: Path) -> list[Path]:

@@ -20,6 +20,13 @@ def sft_batch(prompts: list[list[int]], responses: list[list[int]], pad_token_id
     return ids, mask, labels
 
 
+def warm_start_optimizer(model, lr: float, warmup_steps: int = 50):
+    """AdamW without weight decay and a linear warm-up: the settings the tiny default was tuned with."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
+    return optimizer, scheduler
+
+
 def sft_step(model, optimizer, prompts, responses, pad_token_id: int, max_grad_norm: float = 1.0) -> float:
     ids, mask, labels = sft_batch(prompts, responses, pad_token_id)
     device = next(model.parameters()).device
@@ -31,4 +38,4 @@ def sft_step(model, optimizer, prompts, responses, pad_token_id: int, max_grad_n
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
-    return float(out.loss)
+    return out.loss.detach().item()

@@ -13,7 +13,8 @@ def write_run(path, before: list[int], after: list[int], index=None):
     (path / "evals").mkdir(parents=True)
     index = index or list(range(len(before)))
     for step, acc in ((0, before), (10, after)):
-        (path / "evals" / f"step_{step:06d}.json").write_text(json.dumps({"test": {"acc": acc, "index": index}}))
+        record = {"acc": acc, "acc_sampled": acc, "index": index}
+        (path / "evals" / f"step_{step:06d}.json").write_text(json.dumps({"test": record}))
     (path / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/mean": 0.5, "time/step": 2.0}) + "\n")
 
 
@@ -42,9 +43,11 @@ def test_compare_tables_runs_and_refuses_different_problems(tmp_path, capsys):
     assert lru["acc_before"] == 0.0 and lru["acc_after"] == 0.6
     assert lru["p_ppo_vs_warm_start"] == pytest.approx(2 * 0.5**6)
     assert lru["p_vs_baseline"] == pytest.approx(2 * 0.5**4)  # 4 problems only the LRU run gets right
-    # Holm over three tests: p-values 0.5 (baseline 2 flips), 0.03125, 0.125 -> 0.09375, 0.25, 0.5
-    assert lru["p_ppo_vs_warm_start_holm"] == pytest.approx(3 * 0.03125)
-    assert lru["p_vs_baseline_holm"] == pytest.approx(2 * 0.125)
+    assert lru["sampled_after"] == 0.6 and lru["p_sampled_ppo_vs_warm_start"] == pytest.approx(2 * 0.5**6)
+    # Holm over five tests: p-values 0.5, 0.5 (baseline's 2 flips, greedy and sampled), 0.03125 twice, 0.125
+    # -> sorted 0.03125 x5, 0.03125 x4 (monotone: 0.15625), 0.125 x3 = 0.375, then 0.5 x2 = 1.0 (capped)
+    assert lru["p_ppo_vs_warm_start_holm"] == pytest.approx(5 * 0.03125)
+    assert lru["p_vs_baseline_holm"] == pytest.approx(3 * 0.125)
     assert main([str(tmp_path / "baseline"), str(tmp_path / "mla_lru_adaptive"), "--out", str(tmp_path / "cmp")]) == 0
     assert "| mla_lru_adaptive | test | 10 | 0.000 | 0.600" in (tmp_path / "cmp" / "comparison.md").read_text()
     assert (tmp_path / "cmp" / "curves" / "reward.png").is_file()

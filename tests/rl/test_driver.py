@@ -44,7 +44,7 @@ def test_run_writes_checkpoints_metrics_and_syncs_weights(tmp_path):
     for key in ("reward/mean", "train/pg_loss", "train/value_loss", "train/explained_variance", "train/kl_ref",
                 "train/entropy", "train/clipfrac", "train/approx_kl", "train/grad_norm", "train/lru_iterations",
                 "response/length_mean", "throughput/tokens_per_s", "time/rollout", "time/score", "time/train",
-                "time/sync", "eval/test/acc", "eval/test_more_vars/acc"):
+                "time/sync", "eval/test/acc", "eval/test/acc_sampled", "eval/test_more_vars/acc"):
         assert key in rows[2], key
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 2 and "test/acc" in summary["heldout_before_ppo"] and summary["curves"]
