@@ -30,15 +30,16 @@ Re-running with the same EXPERIMENT_NAME resumes the run from its last checkpoin
 USAGE
 }
 
-GROUP="${1:-mla_lru_adaptive}"
-case "$GROUP" in
+GROUP="mla_lru_adaptive"
+case "${1:-}" in
   -h|--help) usage; exit 0 ;;
+  *=*|"") ;;  # no group given: overrides only, or nothing
+  *) GROUP="$1"; shift ;;
 esac
 if [[ " $GROUPS_VALID " != *" $GROUP "* ]]; then
   echo "error: unknown group '$GROUP'; choose one of: $GROUPS_VALID" >&2
   exit 2
 fi
-shift || true
 
 cd "$(dirname "$0")/.."
 if [[ -z "${PYTHON:-}" ]]; then

@@ -119,18 +119,19 @@ def answers(batch: ProblemBatch) -> pa.Array:
 
 
 def solutions(batch: ProblemBatch, answer: pa.Array | None = None) -> pa.Array:
-    """``Problem.solution()`` of every row: the state after every step in <think>, then the answer."""
+    """``Problem.solution()`` of every row: the initial state as step 0 and the state after every step in
+    <think>, then the answer."""
     n_steps, width = batch.trace.shape[1] - 1, batch.init.shape[1]
-    step = np.arange(1, n_steps + 1)[:, None]  # (N, 1)
+    step = np.arange(0, n_steps + 1)[:, None]  # (N+1, 1)
     var = np.arange(width)[None, :]  # (1, V)
-    values = batch.trace[:, 1:].astype(np.int64)  # (B, N, V)
+    values = batch.trace.astype(np.int64)  # (B, N+1, V)
     codes = ((step * width + var) * batch.modulus + values).reshape(len(batch), -1)
     pad = ((var >= batch.num_vars[:, None, None]) | (step > batch.num_steps[:, None, None])).reshape(len(batch), -1)
 
     def fmt(c: int) -> str:
         c, value = divmod(c, batch.modulus)
         n, v = divmod(c, width)
-        return f"{'' if n == 1 else chr(10)}step {n}: {VAR_NAMES[v]}={value}" if v == 0 else \
+        return f"{'' if n == 0 else chr(10)}step {n}: {VAR_NAMES[v]}={value}" if v == 0 else \
             f", {VAR_NAMES[v]}={value}"
 
     answer = answers(batch) if answer is None else answer

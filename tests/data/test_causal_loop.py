@@ -73,8 +73,8 @@ def test_prompt_states_semantics_modulus_and_answer_format():
     assert "sequential" in q and "modulo 50" in q and q.endswith("<answer> </answer> as: A=?, B=?")
     assert p.chat_prompt() == [{"role": "user", "content": q}]
     assert p.base_prompt().endswith(f"User: {q}\nAssistant:")
-    assert p.solution() == ("<think>\nstep 1: A=1, B=3\nstep 2: A=1, B=4\nstep 3: A=1, B=5\n</think>\n"
-                            "<answer>A=1, B=5</answer>")
+    assert p.solution() == ("<think>\nstep 0: A=1, B=2\nstep 1: A=1, B=3\nstep 2: A=1, B=4\nstep 3: A=1, B=5\n"
+                            "</think>\n<answer>A=1, B=5</answer>")
 
 
 # ---- the vectorised generator equals the reference --------------------------------------------------
