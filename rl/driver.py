@@ -110,6 +110,11 @@ class Run:
         need = {"CPU": TRAINER_CPUS + WORKER_CPUS * cfg.rollout.workers + SCORER_CPUS * cfg.reward.workers}
         if device == "cuda":
             need["GPU"] = 1 + cfg.rollout.workers
+        nodes = sum(node["Alive"] for node in ray.nodes())
+        wanted = int(os.environ.get("NNODES", "1"))  # set by scripts/train_lru.sh
+        if nodes < wanted:
+            raise ValueError(f"NNODES={wanted} but the Ray cluster has {nodes} live node(s): start Ray on the "
+                             "other nodes ('ray start --address=<head>:6379') or lower NNODES")
         have = ray.cluster_resources()
         short = {k: (v, have.get(k, 0)) for k, v in need.items() if have.get(k, 0) < v - 1e-9}
         if short:

@@ -21,6 +21,7 @@ Environment:
   DATA_DIR          causal-loop parquet files to check (default: OUTPUT_DIR/data/causal_loop; generated if missing)
   BASE_MODEL        a local transformers checkpoint to start from (default: a tiny model from scratch)
   N_GPUS            GPUs to use (default: 0 = CPU)
+  NNODES            nodes the Ray cluster must have (default 1); more than 1 needs RAY_ADDRESS
   RAY_ADDRESS       join this Ray cluster instead of starting a local one
   WANDB_MODE        offline (default), online or disabled
   NUM_SAMPLES       problems in the generated training split (default: 20000)
@@ -51,6 +52,16 @@ NUM_SAMPLES="${NUM_SAMPLES:-20000}"
 SEED="${SEED:-0}"
 EXPERIMENT_NAME="${EXPERIMENT_NAME:-$GROUP}"
 N_GPUS="${N_GPUS:-0}"
+export NNODES="${NNODES:-1}"
+if [[ ! "$NNODES" =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: NNODES='$NNODES' must be a positive integer" >&2
+  exit 2
+fi
+if [[ "$NNODES" != "1" && -z "${RAY_ADDRESS:-}" ]]; then
+  echo "error: NNODES=$NNODES needs a Ray cluster: run 'ray start --head' on one node and" \
+       "'ray start --address=<head>:6379' on the others, then set RAY_ADDRESS=<head>:6379" >&2
+  exit 2
+fi
 
 if [[ -f "$DATA_DIR/train.parquet" && -f "$DATA_DIR/test.parquet" ]]; then
   echo "[data] using $DATA_DIR"

@@ -39,6 +39,8 @@ def test_launcher_rejects_unknown_groups_and_bad_overrides(tmp_path):
     assert launch("gpt5").returncode == 2
     bad = launch("mla_only", "trainer.lr=-1", OUTPUT_DIR=str(tmp_path))
     assert bad.returncode == 2 and "trainer.lr" in bad.stderr
+    lonely = launch("mla_only", NNODES="2", OUTPUT_DIR=str(tmp_path))
+    assert lonely.returncode == 2 and "RAY_ADDRESS" in lonely.stderr
     no_group = launch("trainer.lr=-1", OUTPUT_DIR=str(tmp_path))  # overrides alone: the default group
     assert no_group.returncode == 2 and "trainer.lr" in no_group.stderr and "unknown group" not in no_group.stderr
 

@@ -102,6 +102,12 @@ def test_a_plan_the_cluster_cannot_place_is_refused(tmp_path):
         run(tmp_path, "trainer.steps=1", "rollout.workers=20")
 
 
+def test_fewer_nodes_than_nnodes_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("NNODES", "3")
+    with pytest.raises(ValueError, match="NNODES=3 but the Ray cluster has 1 live node"):
+        run(tmp_path, "trainer.steps=1")
+
+
 @pytest.mark.timeout(300)
 def test_interrupt_saves_a_resumable_checkpoint(tmp_path):
     args = [sys.executable, "-m", "rl.driver", *TINY, "trainer.steps=200", "trainer.save_every=100",
