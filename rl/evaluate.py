@@ -36,6 +36,7 @@ from rl.reward_scorer import RewardRunner
 from rl.rollout import RolloutBatch, SamplingParams, TorchRolloutEngine
 
 DIFFICULTY = ("level", "num_vars", "num_steps")
+VERL_COLUMNS = ("data_source", "prompt", "reward_model", "extra_info")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -69,7 +70,12 @@ def load_problem_sets(data_files: list[str], run_dir: Path | None, size: int | N
         for f in data_files:
             if not Path(f).is_file():
                 raise ValueError(f"--data {f}: no such file")
-            sets[Path(f).stem] = pq.read_table(f).to_pylist()[:size]
+            table = pq.read_table(f)
+            missing = sorted(set(VERL_COLUMNS) - set(table.column_names))
+            if missing:
+                raise ValueError(f"--data {f}: not a verl-schema problem file, missing columns {missing} "
+                                 "(write one with python -m data.causal_loop)")
+            sets[Path(f).stem] = table.to_pylist()[:size]
         return sets
     if run_dir is None or not (run_dir / "config.yaml").is_file():
         raise ValueError("no problems to evaluate on: pass --data FILE.parquet, or a checkpoint inside a run "

@@ -13,7 +13,7 @@ import models
 from data.causal_loop.__main__ import main as write_dataset
 from data.tokenizer import build_tokenizer
 from rewards.causal_loop import compute_score
-from rl.evaluate import main, pass_at_k, resolve_model_dir
+from rl.evaluate import load_problem_sets, main, pass_at_k, resolve_model_dir
 from rl.prompts import encode_prompt
 
 
@@ -76,3 +76,9 @@ def test_bad_paths_get_clear_errors(tmp_path, model_and_data, capsys):
     with pytest.raises(SystemExit):
         main([str(model_and_data / "model")])  # a bare model directory: which problems?
     assert "pass --data" in capsys.readouterr().err
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"question": ["1+1"]}), tmp_path / "other.parquet")
+    with pytest.raises(ValueError, match=r"not a verl-schema problem file, missing columns \['data_source'"):
+        load_problem_sets([str(tmp_path / "other.parquet")], None, None)
