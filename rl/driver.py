@@ -187,7 +187,7 @@ class Run:
         scored = self.scorers.collect(self.scorers.submit(
             [r["data_source"] for r in rows], self.decode(batch),
             [r["reward_model"]["ground_truth"] for r in rows], [r["extra_info"] for r in rows]))
-        return np.nan_to_num(np.asarray(scored.parts.get("acc", scored.scores), dtype=float)), scored.scores
+        return np.asarray(scored.accuracy()), scored.scores
 
     def evaluate(self, step: int) -> dict:
         """Accuracy on every held-out set: greedy (overall and by level) and one sample per problem at the

@@ -124,7 +124,7 @@ def evaluate_set(model, tokenizer, scorer: RewardRunner, rows: list[dict], templ
         picked = [rows[i] for i in batch.prompt_index.tolist()]
         scored = scorer.score([r["data_source"] for r in picked], texts,
                               [r["reward_model"]["ground_truth"] for r in picked], [r["extra_info"] for r in picked])
-        acc = np.nan_to_num(np.asarray(scored.parts.get("acc", scored.scores), dtype=float))
+        acc = np.asarray(scored.accuracy())
         return batch, acc, np.asarray(scored.scores), texts
 
     greedy_params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=stop)

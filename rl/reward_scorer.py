@@ -20,6 +20,11 @@ class ScoredBatch:
     parts: dict[str, list[float]] = field(default_factory=dict)  # named parts (e.g. acc, format), NaN if absent
     errors: list[str | None] = field(default_factory=list)
 
+    def accuracy(self) -> list[float]:
+        """Each response's ``acc`` part (0 where a response has none, e.g. its reward raised), or its score
+        for reward functions that report no ``acc``."""
+        return [0.0 if math.isnan(a) else a for a in self.parts.get("acc", self.scores)]
+
     def extend(self, other: ScoredBatch) -> None:
         n = len(self.scores)
         for name in set(self.parts) | set(other.parts):

@@ -50,3 +50,9 @@ def test_extend_keeps_parts_aligned():
     assert a.scores == [1.0, 0.0, 0.5] and a.errors == [None, None, "e"]
     assert a.parts["format"][1:] == [1.0, 0.0] and math.isnan(a.parts["format"][0])
     assert a.parts["acc"][0] == 1.0 and math.isnan(a.parts["acc"][2])
+
+
+def test_accuracy_is_the_acc_part_else_the_score():
+    mixed = ScoredBatch([1.0, 0.0], {"acc": [1.0, math.nan]}, [None, "ValueError: boom"])
+    assert mixed.accuracy() == [1.0, 0.0]  # a response whose reward raised has no acc: counted wrong
+    assert ScoredBatch([0.5, 1.0], {}, [None, None]).accuracy() == [0.5, 1.0]
