@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from models.configuration import LatentReasoningConfig
 from models.modeling_mla_lru import (
+    GrowingCache,
     LatentCache,
     LatentReasoningForCausalLM,
     LatentReasoningModel,
@@ -23,5 +24,5 @@ from models.value_head import ValueHeadModel
 AutoConfig.register(LatentReasoningConfig.model_type, LatentReasoningConfig, exist_ok=True)
 AutoModelForCausalLM.register(LatentReasoningConfig, LatentReasoningForCausalLM, exist_ok=True)
 
-__all__ = ["GROUPS", "LatentCache", "LatentReasoningConfig", "LatentReasoningForCausalLM", "LatentReasoningModel",
+__all__ = ["GROUPS", "GrowingCache", "LatentCache", "LatentReasoningConfig", "LatentReasoningForCausalLM", "LatentReasoningModel",
            "LatentReasoningOutput", "ValueHeadModel", "cache_bytes_per_token", "tiny_config"]

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -76,10 +76,11 @@ class LRUResult:
 
     iterations: torch.Tensor  # (B, T) iterations run, N
     remainder: torch.Tensor  # (B, T) ACT remainder R (1 in fixed mode)
-    weights: torch.Tensor  # (B, T, K) weight of each iteration's state in the output; sums to 1
-    stability: torch.Tensor  # (B, T) squared size of the last update relative to the input latent
-    sparsity: torch.Tensor  # (B, T) Hoyer-square of the output divided by C, in [1/C, 1]
-    convergence: torch.Tensor  # (B, T) |last update| / |first update|
+    # The diagnostics below are None when the call was made with diagnostics=False (fast decoding).
+    weights: torch.Tensor | None = None  # (B, T, K) weight of each iteration's state in the output; sums to 1
+    stability: torch.Tensor | None = None  # (B, T) squared size of the last update relative to the input latent
+    sparsity: torch.Tensor | None = None  # (B, T) Hoyer-square of the output divided by C, in [1/C, 1]
+    convergence: torch.Tensor | None = None  # (B, T) |last update| / |first update|
     halting_probs: torch.Tensor | None = None  # (B, T, K) p^n of every iteration (adaptive mode; 0 once halted)
     states: torch.Tensor | None = None  # (K+1, B, T, C) h^0..h^K, only with return_states
 
@@ -111,7 +112,10 @@ class LatentReasoningUnit(nn.Module):
         """One refinement of the running positions of h (B, T, C), given its causal window (B, W-1+T, C).
         Halted positions and pads come back unchanged and cost nothing: only running rows go through the
         gates, so adaptive halting saves the work of the iterations it skips."""
-        mixed = self.conv(window.transpose(1, 2)).transpose(1, 2)  # (B, T, C), depthwise: cheap
+        # The depthwise convolution written out as a weighted sum over the W taps of each position: the
+        # same numbers as self.conv, without a oneDNN call that costs ~150 us even for one decode token.
+        taps = window.unfold(1, self.kernel, 1)  # (B, T, C, W)
+        mixed = (taps * self.conv.weight.squeeze(1)).sum(-1) + self.conv.bias  # (B, T, C)
         if bool(running.all()):
             return self._gru(h, mixed)
         rows = running.nonzero(as_tuple=True)
@@ -134,8 +138,11 @@ class LatentReasoningUnit(nn.Module):
         p_global = torch.sigmoid(self.halt_global(sums / counts.clamp(min=1)[..., None])).squeeze(-1)
         return (1 - self.global_mix) * p + self.global_mix * p_global
 
-    def forward(self, latent: torch.Tensor, valid: torch.Tensor, state: LRUState | None, return_states: bool = False):
-        """latent (B, T, C), valid (B, T) bool -> refined latent (B, T, C), LRUResult, new LRUState."""
+    def forward(self, latent: torch.Tensor, valid: torch.Tensor, state: LRUState | None, return_states: bool = False,
+                diagnostics: bool = True):
+        """latent (B, T, C), valid (B, T) bool -> refined latent (B, T, C), LRUResult, new LRUState.
+        ``diagnostics=False`` skips what only the auxiliary loss and the statistics read (a rollout's decode
+        steps): the result then holds iterations and remainders only."""
         state = state or self.empty_state(latent)
         b, t, c = latent.shape
         keep = valid[..., None]  # masking by torch.where, not multiplication: pad rows may hold inf/NaN
@@ -161,11 +168,13 @@ class LatentReasoningUnit(nn.Module):
                     states.append(h)
                 continue
             h_new = self._step(h, window, running)  # halted positions stay frozen
-            step = (h_new - h).norm(dim=-1)  # (B, T)
-            first_step = step if k == 0 else first_step
+            if diagnostics:
+                step = (h_new - h).norm(dim=-1)  # (B, T)
+                first_step = step if k == 0 else first_step
             if self.adaptive:
                 p = self._halting_probability(h_new, k, valid, state, new_state)
-                probs[..., k] = torch.where(running, p, torch.zeros_like(p))
+                if diagnostics:
+                    probs[..., k] = torch.where(running, p, torch.zeros_like(p))
                 halts = running & ((cumulative + p >= 1 - self.epsilon) | (k == self.iterations - 1))
                 weight = torch.where(halts, 1 - cumulative, torch.where(running, p, torch.zeros_like(p)))
                 remainder = torch.where(halts, 1 - cumulative, remainder)
@@ -175,13 +184,16 @@ class LatentReasoningUnit(nn.Module):
                 weight = halts.to(latent.dtype)
                 remainder = torch.where(halts, torch.ones_like(remainder), remainder)
             output = output + weight[..., None] * h_new
-            weights[..., k] = weight
             iterations = iterations + running.to(latent.dtype)
-            last_step = torch.where(halts, step, last_step)
+            if diagnostics:
+                weights[..., k] = weight
+                last_step = torch.where(halts, step, last_step)
             running = running & ~halts
             h = h_new
             if return_states:
                 states.append(h)
+        if not diagnostics:
+            return output, LRUResult(iterations=iterations, remainder=remainder * valid), new_state
         result = LRUResult(
             iterations=iterations,
             remainder=remainder * valid,
@@ -198,8 +210,47 @@ class LatentReasoningUnit(nn.Module):
 # ---- cache ----------------------------------------------------------------------------------------
 
 
-class LatentCache(DynamicCache):
-    """A ``DynamicCache`` whose layers hold the MLA latent (as keys, (B, 1, S, C)) and the rotary key (as
+class GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` that writes new tokens into spare capacity instead of concatenating, so a decode
+    step copies one token rather than the whole cache; the buffer doubles when full. ``keys``/``values``
+    are views of the filled prefix. Anything that replaces them (reorder, select, repeat) is noticed by
+    the buffer check in ``update`` and re-seeds the buffer, so the inherited methods stay correct."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.get_seq_length()
+        end = length + key_states.shape[-2]
+        buffers = getattr(self, "_buffers", None)
+        if buffers is None or end > buffers[0].shape[-2] or buffers[0].data_ptr() != self.keys.data_ptr():
+            buffers = tuple(self._grown(old, new, length, max(2 * end, 64))
+                            for old, new in ((self.keys, key_states), (self.values, value_states)))
+            self._buffers = buffers
+        buffers[0][..., length:end, :] = key_states
+        buffers[1][..., length:end, :] = value_states
+        self.keys, self.values = buffers[0][..., :end, :], buffers[1][..., :end, :]
+        return self.keys, self.values
+
+    @staticmethod
+    def _grown(old: torch.Tensor, new: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
+        buffer = new.new_empty(*new.shape[:-2], capacity, new.shape[-1])
+        if length:
+            buffer[..., :length, :] = old
+        return buffer
+
+
+class GrowingCache(DynamicCache):
+    """A ``DynamicCache`` whose full-attention layers are ``GrowingLayer``s (sliding-window layers stay)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
+        if self.layer_class_to_replicate is DynamicLayer:
+            self.layer_class_to_replicate = GrowingLayer
+
+
+class LatentCache(GrowingCache):
+    """A ``GrowingCache`` whose layers hold the MLA latent (as keys, (B, 1, S, C)) and the rotary key (as
     values, (B, 1, S, R)), plus each LRU layer's per-sequence state."""
 
     def __init__(self, *args, **kwargs):
@@ -255,7 +306,7 @@ class MLAttention(nn.Module):
         return q.view(b, t, self.num_heads, self.nope + self.rope).transpose(1, 2)  # (B, H, T, Dn+R)
 
     def forward(self, x: torch.Tensor, position_embeddings, attention_mask, valid: torch.Tensor,
-                past_key_values: Cache | None = None, **kwargs):
+                past_key_values: Cache | None = None, lru_diagnostics: bool = True, **kwargs):
         b, t, _ = x.shape
         q_nope, q_rope = self._queries(x).split([self.nope, self.rope], dim=-1)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.latent_dim, self.rope], dim=-1)
@@ -263,7 +314,7 @@ class MLAttention(nn.Module):
         lru_result = None
         if self.lru is not None:
             state = past_key_values.lru_states.get(self.layer_idx) if past_key_values is not None else None
-            latent, lru_result, new_state = self.lru(latent, valid, state)
+            latent, lru_result, new_state = self.lru(latent, valid, state, diagnostics=lru_diagnostics)
             if past_key_values is not None:
                 past_key_values.lru_states[self.layer_idx] = new_state
         cos, sin = position_embeddings
@@ -289,7 +340,8 @@ class MLAttention(nn.Module):
         key = torch.cat([k_nope, k_rope.expand(-1, self.num_heads, -1, -1)], dim=-1)  # (B, H, S, Dn+R)
         query = torch.cat([q_nope, q_rope], dim=-1)
         impl = self.config._attn_implementation
-        pad = impl.startswith("flash") and self.v_dim != self.nope + self.rope  # flash needs equal head sizes
+        # Flash kernels, and SDPA's fast path on CPU, need one head size for query, key and value: pad the value.
+        pad = impl.startswith(("flash", "sdpa")) and self.v_dim != self.nope + self.rope
         if pad:
             value = F.pad(value, (0, self.nope + self.rope - self.v_dim))
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
@@ -301,13 +353,22 @@ class MLAttention(nn.Module):
         """Attend in latent space: score_s = (W_UK^T q_nope) . c_s + q_rope . k_r,s; out = W_UV (sum_s a_s c_s).
         The same numbers as ``_naive`` without building per-head keys or values. -> (B, T, H, Dv)"""
         w_uk, w_uv = self._up_weights()
+        b, h, t, _ = q_nope.shape
         q_latent = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # (B, H, T, C)
-        query = torch.cat([q_latent, q_rope], dim=-1)  # (B, H, T, C+R)
-        key = torch.cat([latent, k_rope], dim=-1)  # (B, 1, S, C+R), shared by all heads
+        # One key per position serves every head, so the heads are folded into the query axis: one
+        # (B, 1, H*T, S) attention. SDPA's enable_gqa would instead copy the cache once per head each step.
+        # Two products instead of one on [c ; k_r]: concatenating would copy the whole cache every step.
+        scores = (torch.matmul(q_latent.reshape(b, 1, h * t, -1), latent.transpose(-1, -2))
+                  + torch.matmul(q_rope.reshape(b, 1, h * t, -1), k_rope.transpose(-1, -2))) * self.scaling
         mask = _as_bool_mask(attention_mask)
-        out_latent = F.scaled_dot_product_attention(query, key, latent, attn_mask=mask, scale=self.scaling,
-                                                    enable_gqa=True)  # (B, H, T, C)
-        return torch.einsum("bhtc,hdc->bthd", out_latent, w_uv)  # (B, T, H, Dv)
+        if mask is not None:
+            mask = mask.repeat(1, 1, h, 1) if mask.shape[-2] > 1 else mask  # each head's rows see the same positions
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        # Written out rather than SDPA: with a value narrower than the key, SDPA takes its math path on CPU,
+        # 2.7x slower than these three ops for one decode token.
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(latent.dtype)
+        out_latent = torch.matmul(probs, latent)  # (B, 1, H*T, C)
+        return torch.einsum("bhtc,hdc->bthd", out_latent.view(b, h, t, -1), w_uv)  # (B, T, H, Dv)
 
 
 # ---- decoder --------------------------------------------------------------------------------------
@@ -321,9 +382,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = Qwen2MLP(config)
 
-    def forward(self, x, position_embeddings, attention_mask, valid, past_key_values=None, **kwargs):
+    def forward(self, x, position_embeddings, attention_mask, valid, past_key_values=None, lru_diagnostics=True,
+                **kwargs):
         attn, lru_result = self.self_attn(self.input_layernorm(x), position_embeddings, attention_mask, valid,
-                                          past_key_values, **kwargs)
+                                          past_key_values, lru_diagnostics, **kwargs)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), lru_result
 
@@ -381,7 +443,7 @@ class LatentReasoningModel(LatentReasoningPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs):
+                inputs_embeds=None, use_cache=None, lru_diagnostics: bool = True, **kwargs):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
@@ -401,7 +463,7 @@ class LatentReasoningModel(LatentReasoningPreTrainedModel):
         position_embeddings = self.rotary_emb(x, position_ids)
         results = []
         for layer in self.layers:
-            x, lru_result = layer(x, position_embeddings, mask, valid, past_key_values, **kwargs)
+            x, lru_result = layer(x, position_embeddings, mask, valid, past_key_values, lru_diagnostics, **kwargs)
             if lru_result is not None:
                 results.append(lru_result)
         return LatentReasoningModelOutput(last_hidden_state=self.norm(x), past_key_values=past_key_values,
@@ -445,13 +507,18 @@ class LatentReasoningForCausalLM(LatentReasoningPreTrainedModel, GenerationMixin
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0, lru_diagnostics: bool = True,
                 **kwargs) -> LatentReasoningOutput:
-        base = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, **kwargs)
+        """``lru_diagnostics=False`` (for decoding) skips the LRU's auxiliary loss and statistics: the output
+        then has no aux_loss, aux_terms, lru_stats or lru_iterations."""
+        if labels is not None and not lru_diagnostics and self.config.use_lru:
+            raise ValueError("lru_diagnostics=False drops the LRU's auxiliary loss: keep it True when passing labels")
+        base = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                          lru_diagnostics=lru_diagnostics, **kwargs)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         logits = self.lm_head(base.last_hidden_state[:, keep])  # (B, T, V)
         out = LatentReasoningOutput(logits=logits, past_key_values=base.past_key_values)
-        if base.lru_results:
+        if base.lru_results and lru_diagnostics:
             out.aux_loss, out.aux_terms, out.lru_stats, out.lru_iterations = lru_summary(
                 base.lru_results, base.valid, self.config)
         if labels is not None:
@@ -472,6 +539,6 @@ def cache_bytes_per_token(config: LatentReasoningConfig, dtype: torch.dtype = to
     return config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * dtype.itemsize
 
 
-__all__ = ["LatentCache", "LatentReasoningForCausalLM", "LatentReasoningModel", "LatentReasoningModelOutput",
+__all__ = ["GrowingCache", "GrowingLayer", "LatentCache", "LatentReasoningForCausalLM", "LatentReasoningModel", "LatentReasoningModelOutput",
            "LatentReasoningOutput", "lru_summary",
            "LatentReasoningUnit", "LRUResult", "LRUState", "cache_bytes_per_token"]

@@ -74,7 +74,7 @@ class TrainerWorker:
         self.trainer = PPOTrainer(self.policy, reference, critic, self.settings)
 
     def sft(self, batches: list[tuple[list[list[int]], list[list[int]]]], lr: float, pad_token_id: int) -> list[float]:
-        optimizer, scheduler = warm_start_optimizer(self.policy, lr)
+        optimizer, scheduler = warm_start_optimizer(self.policy, lr, total_steps=len(batches))
         losses = []
         for prompts, responses in batches:
             losses.append(sft_step(self.policy, optimizer, prompts, responses, pad_token_id))

@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, Qwen2ForCausalLM
 
 import models
 from models import LatentCache, LatentReasoningConfig, LatentReasoningForCausalLM, cache_bytes_per_token
-from models.modeling_mla_lru import LatentReasoningUnit
+from models.modeling_mla_lru import GrowingLayer, LatentReasoningUnit
 
 VOCAB = 128
 
@@ -202,6 +202,49 @@ def test_hoyer_sparsity_is_normalised_to_the_latent_size():
     with torch.no_grad():
         _, res, _ = unit(torch.randn(1, 4, c), torch.ones(1, 4, dtype=torch.bool), None)
     assert ((res.sparsity >= 1 / c - 1e-6) & (res.sparsity <= 1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("group", ["mla_lru_adaptive", "mla_lru_fixed"])
+def test_decoding_without_lru_diagnostics_gives_the_same_logits_and_cache(group):
+    model = build(group, lru_global_halting=0.5) if group == "mla_lru_adaptive" else build(group)
+    ids, mask, positions = left_padded_batch()
+    with torch.no_grad():
+        runs = []
+        for diagnostics in (True, False):
+            out = model(ids[:, :6], attention_mask=mask[:, :6], position_ids=positions[:, :6],
+                        past_key_values=LatentCache(config=model.config), use_cache=True, lru_diagnostics=diagnostics)
+            step = model(ids[:, 6:7], attention_mask=mask[:, :7], position_ids=positions[:, 6:7],
+                         past_key_values=out.past_key_values, use_cache=True, lru_diagnostics=diagnostics)
+            runs.append((out, step))
+    (with_stats, step_with), (without, step_without) = runs
+    assert torch.equal(with_stats.logits, without.logits) and torch.equal(step_with.logits, step_without.logits)
+    assert without.lru_stats is None and without.aux_loss is None and with_stats.lru_stats is not None
+    for i, state in with_stats.past_key_values.lru_states.items():
+        assert torch.equal(state.conv, without.past_key_values.lru_states[i].conv)
+    with pytest.raises(ValueError, match="keep it True when passing labels"):
+        model(ids, attention_mask=mask, labels=ids, lru_diagnostics=False)
+
+
+def test_growing_cache_layer_equals_concatenation_through_reorder_and_crop():
+    layer = GrowingLayer()
+    g = torch.Generator().manual_seed(0)
+    chunk = lambda b, t: (torch.randn(b, 1, t, 4, generator=g), torch.randn(b, 1, t, 2, generator=g))  # noqa: E731
+    keys, values = chunk(3, 5)
+    layer.update(keys, values)
+    for t in [1] * 70 + [9]:  # past the first capacity (64) and its doubling
+        k, v = chunk(3, t)
+        got_k, got_v = layer.update(k, v)
+        keys, values = torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2)
+        assert torch.equal(got_k, keys) and torch.equal(got_v, values)
+    order = torch.tensor([2, 2, 0])
+    layer.reorder_cache(order)
+    layer.crop(-4)
+    keys, values = keys[order][:, :, :-4], values[order][:, :, :-4]
+    k, v = chunk(3, 1)
+    got_k, got_v = layer.update(k, v)
+    assert torch.equal(got_k, torch.cat([keys, k], dim=2)) and torch.equal(got_v, torch.cat([values, v], dim=2))
+    assert layer.get_seq_length() == keys.shape[2] + 1
+    assert isinstance(LatentCache(config=build("mla_only").config).layers[0], GrowingLayer)
 
 
 # ---- outputs, gradients, losses ------------------------------------------------------------------------

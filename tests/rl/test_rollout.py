@@ -58,6 +58,17 @@ def test_seeds_are_per_prompt_and_reproducible():
         engine.generate(PROMPTS, params, seeds=[1])
 
 
+@pytest.mark.parametrize("group", ["baseline", "mla_lru_adaptive"])
+def test_samples_of_a_prompt_share_its_prefill_exactly(group):
+    """n samples are prefilled once per prompt; greedy samples must equal one greedy response each."""
+    engine = TorchRolloutEngine(build(group), pad_token_id=0)
+    once = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=10))
+    thrice = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=10, n=3))
+    assert torch.equal(thrice.response_ids, once.response_ids.repeat_interleave(3, dim=0))
+    assert torch.equal(thrice.prompt_ids, once.prompt_ids.repeat_interleave(3, dim=0))
+    assert (thrice.logprobs - once.logprobs.repeat_interleave(3, dim=0)).abs().max() <= 1e-5
+
+
 def test_stop_tokens_end_responses_and_mask_them_in():
     model = build("mla_only")
     engine = TorchRolloutEngine(model, pad_token_id=0)
