@@ -24,5 +24,5 @@ from models.value_head import ValueHeadModel
 AutoConfig.register(LatentReasoningConfig.model_type, LatentReasoningConfig, exist_ok=True)
 AutoModelForCausalLM.register(LatentReasoningConfig, LatentReasoningForCausalLM, exist_ok=True)
 
-__all__ = ["GROUPS", "GrowingCache", "LatentCache", "LatentReasoningConfig", "LatentReasoningForCausalLM", "LatentReasoningModel",
-           "LatentReasoningOutput", "ValueHeadModel", "cache_bytes_per_token", "tiny_config"]
+__all__ = ["GROUPS", "GrowingCache", "LatentCache", "LatentReasoningConfig", "LatentReasoningForCausalLM",
+           "LatentReasoningModel", "LatentReasoningOutput", "ValueHeadModel", "cache_bytes_per_token", "tiny_config"]

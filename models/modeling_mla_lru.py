@@ -539,6 +539,6 @@ def cache_bytes_per_token(config: LatentReasoningConfig, dtype: torch.dtype = to
     return config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * dtype.itemsize
 
 
-__all__ = ["GrowingCache", "GrowingLayer", "LatentCache", "LatentReasoningForCausalLM", "LatentReasoningModel", "LatentReasoningModelOutput",
-           "LatentReasoningOutput", "lru_summary",
-           "LatentReasoningUnit", "LRUResult", "LRUState", "cache_bytes_per_token"]
+__all__ = ["GrowingCache", "GrowingLayer", "LatentCache", "LatentReasoningForCausalLM", "LatentReasoningModel",
+           "LatentReasoningModelOutput", "LatentReasoningOutput", "lru_summary", "LatentReasoningUnit", "LRUResult",
+           "LRUState", "cache_bytes_per_token"]

@@ -220,6 +220,14 @@ class Run:
         path.with_suffix(".tmp").replace(path)
         return out
 
+    @staticmethod
+    def _headline(metrics: dict) -> dict[str, str]:
+        """The progress bar's numbers. KL to the reference exists only with a KL term (otherwise the
+        reference is never run); the step's approximate KL to the rollout policy is shown instead."""
+        name, key = ("kl", "train/kl_ref") if "train/kl_ref" in metrics else ("approx_kl", "train/approx_kl")
+        return {"reward": f"{metrics['reward/mean']:.3f}", "acc": f"{metrics.get('reward/acc', float('nan')):.2f}",
+                name: f"{metrics.get(key, float('nan')):.4f}"}
+
     def save(self, step: int) -> str:
         return ray.get(self.trainer.save.remote(str(self.dir), step, self.tokenizer, {"data": self.data.state_dict()}))
 
@@ -257,9 +265,7 @@ class Run:
                     if step % self.cfg.trainer.eval_every == 0 or last:
                         metrics.update(self.evaluate(step))
                     self.logger.log(step, metrics)
-                    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
-                                    acc=f"{metrics.get('reward/acc', float('nan')):.2f}",
-                                    kl=f"{metrics.get('train/kl_ref', 0.0):.4f}")
+                    bar.set_postfix(self._headline(metrics))
                     if step % self.cfg.trainer.save_every == 0 or last:
                         self.save(step)
                     if self.stop_requested:

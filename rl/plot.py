@@ -21,7 +21,8 @@ from rl.tracking import read_metrics  # noqa: E402
 
 CURVES = {
     "reward": ["reward/mean"], "accuracy": ["reward/acc"], "format_rate": ["reward/format"],
-    "kl": ["train/kl_ref"], "entropy": ["train/entropy"], "response_length": ["response/length_mean"],
+    "kl": ["train/kl_ref"], "approx_kl": ["train/approx_kl"], "entropy": ["train/entropy"],
+    "response_length": ["response/length_mean"],
     "clip_fraction": ["train/clipfrac"], "value_loss": ["train/value_loss"], "lru_iterations": ["train/lru_iterations"],
 }
 

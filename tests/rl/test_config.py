@@ -34,7 +34,7 @@ def test_overrides_are_typed_from_yaml():
     (["model.group=gpt"], r"model.group='gpt': valid groups are"),
     (["algorithm.agg=mean"], r"algorithm.agg='mean': valid modes are"),
     (["rollout.backend=vllm"], r"only 'torch' exists yet"),
-    (["trainer.micro_batch_size=128"], r"must be <= trainer.minibatch_size"),
+    (["trainer.minibatch_size=16", "trainer.micro_batch_size=32"], r"must be <= trainer.minibatch_size"),
     (["trainer.lr"], r"write it as section.field=value"),
 ])
 def test_bad_values_name_the_field(overrides, message):

@@ -143,3 +143,10 @@ def test_ppo_raises_the_mean_reward_end_to_end(tmp_path):
     rewards = [row["reward/mean"] for row in read_metrics(tmp_path / "run") if "reward/mean" in row]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.15, rewards
+
+
+def test_progress_bar_shows_kl_to_the_reference_or_else_the_approximate_kl():
+    with_kl = Run._headline({"reward/mean": 0.5, "reward/acc": 0.25, "train/kl_ref": 0.02, "train/approx_kl": 0.001})
+    assert with_kl == {"reward": "0.500", "acc": "0.25", "kl": "0.0200"}
+    without = Run._headline({"reward/mean": 0.5, "train/approx_kl": 0.001})
+    assert without == {"reward": "0.500", "acc": "nan", "approx_kl": "0.0010"}

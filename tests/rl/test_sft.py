@@ -20,4 +20,4 @@ def test_warm_start_schedule_warms_up_then_decays_linearly_to_a_tenth():
     assert lrs[49] == pytest.approx(1e-3 * (1 - 0.9 * 49 / 200))  # warm-up done, decay under way
     assert lrs[100] == pytest.approx(1e-3 * 0.55)  # halfway: 1 - 0.9 / 2
     assert lrs[200] == pytest.approx(1e-4)  # the end: a tenth
-    assert all(a >= b for a, b in zip(lrs[49:], lrs[50:]))
+    assert all(a >= b for a, b in zip(lrs[49:-1], lrs[50:], strict=True))
