@@ -27,7 +27,8 @@ def warm_start_optimizer(model, lr: float, total_steps: int, warmup_steps: int =
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
 
     def factor(step: int) -> float:
-        return min(1.0, (step + 1) / warmup_steps) * (1.0 - (1.0 - final_fraction) * min(step / total_steps, 1.0))
+        warm_up = min(1.0, (step + 1) / warmup_steps)
+        return warm_up * (1.0 - (1.0 - final_fraction) * min(step / max(total_steps, 1), 1.0))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
