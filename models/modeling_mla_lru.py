@@ -351,7 +351,8 @@ class MLAttention(nn.Module):
 
     def _absorbed(self, q_nope, q_rope, latent, k_rope, attention_mask) -> torch.Tensor:
         """Attend in latent space: score_s = (W_UK^T q_nope) . c_s + q_rope . k_r,s; out = W_UV (sum_s a_s c_s).
-        The same numbers as ``_naive`` without building per-head keys or values. -> (B, T, H, Dv)"""
+        The same numbers as ``_naive`` without building per-head keys or values. For one new token per
+        sequence (T = 1, as ``forward`` calls it), so a (B, 1, 1, S) mask serves every head. -> (B, T, H, Dv)"""
         w_uk, w_uv = self._up_weights()
         b, h, t, _ = q_nope.shape
         q_latent = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # (B, H, T, C)
@@ -362,10 +363,9 @@ class MLAttention(nn.Module):
                   + torch.matmul(q_rope.reshape(b, 1, h * t, -1), k_rope.transpose(-1, -2))) * self.scaling
         mask = _as_bool_mask(attention_mask)
         if mask is not None:
-            mask = mask.repeat(1, 1, h, 1) if mask.shape[-2] > 1 else mask  # each head's rows see the same positions
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         # Written out rather than SDPA: with a value narrower than the key, SDPA takes its math path on CPU,
-        # 2.7x slower than these three ops for one decode token.
+        # several times slower than these three ops for one decode token (profiled).
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(latent.dtype)
         out_latent = torch.matmul(probs, latent)  # (B, 1, H*T, C)
         return torch.einsum("bhtc,hdc->bthd", out_latent.view(b, h, t, -1), w_uv)  # (B, T, H, Dv)

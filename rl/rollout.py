@@ -118,19 +118,19 @@ class TorchRolloutEngine:
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
         device = next(self.model.parameters()).device
-        index = torch.arange(len(prompts)).repeat_interleave(params.n)
+        index = torch.arange(len(prompts), device=device).repeat_interleave(params.n)  # row -> its prompt
         unique_ids, unique_mask = (t.to(device) for t in left_pad(prompts, self.pad_token_id))
-        ids, mask = unique_ids[index.to(device)], unique_mask[index.to(device)]
+        ids, mask = unique_ids[index], unique_mask[index]
         rows = ids.shape[0]
         generators = None
         if params.temperature > 0:
             seeds = seeds if seeds is not None else torch.randint(0, 2**31, (len(prompts),)).tolist()
             generators = [_generator(seeds[i], k % params.n) for k, i in enumerate(index.tolist())]
         processors = self._processors(params)
-        # Decoding needs no LRU auxiliary loss or statistics; skipping them saves about a fifth of an LRU decode step.
+        # Decoding needs no LRU auxiliary loss or statistics: skip computing them at every token.
         fast = {"lru_diagnostics": False} if isinstance(self.model, LatentReasoningForCausalLM) else {}
         stop = torch.tensor(list(params.stop_token_ids), dtype=torch.long, device=device)
-        out = self._prefill(unique_ids, unique_mask, index.to(device), fast)
+        out = self._prefill(unique_ids, unique_mask, index, fast)
         sequence, attention = ids, mask
         position = (mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]
         tokens, logprobs, alive = [], [], []
@@ -156,7 +156,7 @@ class TorchRolloutEngine:
                              past_key_values=out.past_key_values, use_cache=True, **fast)
         return RolloutBatch(prompt_ids=ids, prompt_mask=mask, response_ids=torch.stack(tokens, 1),
                             response_mask=torch.stack(alive, 1).long(), logprobs=torch.stack(logprobs, 1),
-                            prompt_index=index.to(device))
+                            prompt_index=index)
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, index: torch.Tensor, fast: dict):
         """Run each distinct prompt once, then copy its cache rows and last logits to its n samples (rows
