@@ -6,8 +6,9 @@
 Both run GRPO: ``--prompts`` causal-loop prompts per step, ``--n`` samples each, up to ``--new`` new
 tokens, one optimisation pass, no KL term (TRL's beta 0; ours skips the reference and reuses the
 rollout's logprobs as TRL does with one iteration), the project's reward. Ours runs in-process (torch rollout backend +
-PPOTrainer, no Ray) so the comparison is of the engines, not of process layout. Prints samples/s and
-the time split of our step.
+PPOTrainer, no Ray) so the comparison is of the engines, not of process layout. Our update runs each
+prompt once for its n samples (``trainer.share_prompt``, the default); ``--no_share_prompt`` recomputes it
+per sample as TRL does. Prints samples/s and the time split of our step.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def ours(rows, tokenizer, group: str, args) -> tuple[float, dict]:
     engine = TorchRolloutEngine(model, tokenizer.pad_token_id)
     trainer = PPOTrainer(model, copy.deepcopy(model), None, PPOSettings(
         advantage="grpo", lr=1e-5, kl_coef=0.0, old_logprobs_from_rollout=True,  # as TRL: beta 0, one iteration
-        minibatch_size=args.prompts * args.n, micro_batch_size=args.prompts * args.n))
+        minibatch_size=args.prompts * args.n, micro_batch_size=args.prompts * args.n,
+        share_prompt=not args.no_share_prompt))
     params = SamplingParams(temperature=1.0, max_new_tokens=args.new, n=args.n,
                             stop_token_ids=(tokenizer.eos_token_id,))
     phases = {"rollout": 0.0, "score": 0.0, "train": 0.0}
@@ -97,6 +99,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--groups", default="baseline,mla_lru_adaptive")
+    parser.add_argument("--no_share_prompt", action="store_true",
+                        help="recompute the prompt for every sample in our update, as TRL does")
     args = parser.parse_args()
     tokenizer = build_tokenizer()
     task = TaskConfig(levels=(1,), num_vars=(2, 2), num_steps=(1, 1))

@@ -480,20 +480,25 @@ class LatentReasoningModel(LatentReasoningPreTrainedModel):
 
 
 def lru_summary(results: list[LRUResult], valid: torch.Tensor, config: LatentReasoningConfig):
-    """Aux terms, aux loss and statistics over LRU layers and valid positions."""
-    n = valid.sum().clamp(min=1)
-    mean = lambda per_position: torch.stack([(r * valid).sum() / n for r in per_position]).mean()  # noqa: E731
+    """Aux terms, aux loss and statistics over LRU layers and valid positions.
+
+    ``valid`` is the (B, T) mask of real tokens, or float weights per position: a trainer that runs a shared
+    prompt once for n samples weighs its positions by n, so the means equal those of the n full forwards."""
+    weight = valid.to(results[0].iterations.dtype)
+    n = weight.sum().clamp(min=1e-12)
+    mean = lambda per_position: torch.stack([(r * weight).sum() / n for r in per_position]).mean()  # noqa: E731
     ponder = mean([r.iterations + r.remainder for r in results])
     terms = {"stability": mean([r.stability for r in results]), "sparsity": mean([r.sparsity for r in results]),
              "ponder": ponder}
     aux = (config.lru_stability_weight * terms["stability"] + config.lru_sparsity_weight * terms["sparsity"]
            + (config.lru_ponder_weight * ponder if config.lru_halting == "adaptive" else 0.0))
     iterations = torch.stack([r.iterations for r in results])  # (L, B, T)
-    counts = F.one_hot(iterations[:, valid].long().clamp(min=1) - 1, config.lru_max_iterations).float()
+    counts = F.one_hot(iterations.long().clamp(min=1) - 1, config.lru_max_iterations).to(weight.dtype)  # (L,B,T,K)
+    distribution = (counts * weight[None, ..., None]).sum(dim=(0, 1, 2)) / (n * len(results))
     stats = {"iterations_mean": mean([r.iterations for r in results]).detach(),
              "iterations_max": iterations.max().detach(), "ponder": ponder.detach(),
              "convergence": mean([r.convergence for r in results]).detach(),
-             "halting_distribution": counts.mean(dim=(0, 1)).detach()}
+             "halting_distribution": distribution.detach()}
     return aux, {k: v.detach() for k, v in terms.items()}, stats, iterations
 
 

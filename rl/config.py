@@ -120,6 +120,7 @@ class TrainerConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_bad_steps: int = 3
+    share_prompt: bool = True  # run each distinct prompt once per micro-batch in the trainer's forwards
     eval_every: int = 10
     save_every: int = 10
     sft_steps: int = 0  # supervised warm start on worked solutions before PPO (0: none)

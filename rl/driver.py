@@ -90,7 +90,8 @@ class Run:
                                weight_decay=cfg.trainer.weight_decay, warmup_steps=cfg.trainer.warmup_steps,
                                epochs=cfg.trainer.epochs, minibatch_size=cfg.trainer.minibatch_size,
                                micro_batch_size=cfg.trainer.micro_batch_size, max_grad_norm=cfg.trainer.max_grad_norm,
-                               temperature=cfg.rollout.temperature, max_bad_steps=cfg.trainer.max_bad_steps)
+                               temperature=cfg.rollout.temperature, max_bad_steps=cfg.trainer.max_bad_steps,
+                               share_prompt=cfg.trainer.share_prompt)
         self.trainer = TrainerWorker.options(num_cpus=TRAINER_CPUS, **gpu).remote(
             config, weights, settings, cfg.algorithm.advantage == "gae", device, cfg.trainer.seed)
         self.workers = [RolloutWorker.options(num_cpus=WORKER_CPUS, **gpu).remote(config, weights, pad, device)

@@ -20,6 +20,7 @@ import torch
 from models import ValueHeadModel
 from rl import core
 from rl.rollout import RolloutBatch
+from rl.shared_prompt import ResponseStates, group_ordered_permutation, response_states
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class PPOSettings:
     temperature: float = 1.0
     max_bad_steps: int = 3  # consecutive non-finite updates before the run stops
     old_logprobs_from_rollout: bool = False  # reuse the rollout's logprobs instead of a trainer forward
+    share_prompt: bool = True  # run each distinct prompt once per micro-batch (rl/shared_prompt.py)
 
 
 @dataclass
@@ -64,6 +66,7 @@ class Experience:
     rewards: torch.Tensor  # (B, R) token rewards
     advantages: torch.Tensor  # (B, R)
     returns: torch.Tensor  # (B, R)
+    prompt_index: torch.Tensor  # (B,) which prompt each row answers: rows of one prompt share its forward
 
     def rows(self, index: torch.Tensor) -> Experience:
         return Experience(**{k: v[index] for k, v in vars(self).items()})
@@ -89,23 +92,23 @@ class PPOTrainer:
 
     # ---- logprobs and values --------------------------------------------------------------------------
 
-    def _logits(self, model, exp: Experience):
-        positions = (exp.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        r = exp.response_mask.shape[1]
-        # Only the positions that predict response tokens go through the LM head.
-        out = model(exp.input_ids, attention_mask=exp.attention_mask, position_ids=positions, use_cache=False,
-                    logits_to_keep=r + 1)
-        logits = out.logits[:, :-1].float()  # (B, R, V): the logits that predicted the response tokens
-        return logits / self.s.temperature if self.s.temperature > 0 else logits, out
+    def _states(self, backbone, config, exp: Experience) -> ResponseStates:
+        return response_states(backbone, config, exp.input_ids, exp.attention_mask, exp.response_mask.shape[1],
+                               exp.prompt_index if self.s.share_prompt else None)
+
+    def _logits(self, model, exp: Experience) -> tuple[torch.Tensor, ResponseStates]:
+        """The (B, R, V) logits that predicted the response tokens (only those go through the LM head)."""
+        states = self._states(model.base_model, model.config, exp)
+        logits = model.get_output_embeddings()(states.hidden).float()
+        return logits / self.s.temperature if self.s.temperature > 0 else logits, states
 
     def _logprobs(self, logits: torch.Tensor, exp: Experience) -> torch.Tensor:
         return core.logprobs_from_logits(logits, exp.input_ids[:, -exp.response_mask.shape[1]:])
 
-    def _values(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor | None]:
-        positions = (exp.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        values, aux = self.critic(exp.input_ids, attention_mask=exp.attention_mask, position_ids=positions)
-        r = exp.response_mask.shape[1]
-        return values[:, -r - 1: -1], aux  # the value of the state before each response token
+    def _values(self, exp: Experience) -> torch.Tensor:
+        """The (B, R) values of the state before each response token."""
+        states = self._states(self.critic.backbone, self.critic.lm.config, exp)
+        return self.critic.v_head(states.hidden).squeeze(-1)
 
     # ---- prepare ---------------------------------------------------------------------------------------
 
@@ -117,7 +120,7 @@ class PPOTrainer:
             input_ids=torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1),
             attention_mask=torch.cat([rollout.prompt_mask, rollout.response_mask], dim=1),
             response_mask=mask, old_logprobs=None, ref_logprobs=None, values=torch.zeros_like(mask),
-            rewards=None, advantages=None, returns=None)
+            rewards=None, advantages=None, returns=None, prompt_index=rollout.prompt_index)
         if self.s.old_logprobs_from_rollout:  # equal to the recomputation up to ~1e-6 (tests/rl/test_rollout.py)
             exp.old_logprobs = rollout.logprobs.float() * mask
         else:
@@ -127,7 +130,7 @@ class PPOTrainer:
         else:  # no KL term: skip the reference forward
             exp.ref_logprobs = exp.old_logprobs
         if self.critic is not None:
-            exp.values = self._values(exp)[0] * mask
+            exp.values = self._values(exp) * mask
         return exp
 
     @torch.no_grad()
@@ -159,7 +162,9 @@ class PPOTrainer:
         totals: dict[str, list[float]] = {}
         rows = exp.response_mask.shape[0]
         for _ in range(self.s.epochs):
-            order = torch.randperm(rows, generator=generator)
+            # Whole prompt groups are shuffled when they share a forward, so a micro-batch holds few prompts.
+            order = (group_ordered_permutation(exp.prompt_index, generator) if self.s.share_prompt
+                     else torch.randperm(rows, generator=generator))
             for minibatch in order.split(self.s.minibatch_size):
                 for name, value in self._minibatch_step(exp.rows(minibatch)).items():
                     totals.setdefault(name, []).append(value)
@@ -217,7 +222,7 @@ class PPOTrainer:
                                  "lower the learning rate or check the data")
 
     def _policy_loss(self, part: Experience, counts: dict, aux_share: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        logits, out = self._logits(self.policy, part)
+        logits, states = self._logits(self.policy, part)
         logp = self._logprobs(logits, part)
         mask = part.response_mask
         pg_loss, metrics = core.ppo_policy_loss(logp, part.old_logprobs, part.advantages, mask, self.s.clip,
@@ -230,18 +235,17 @@ class PPOTrainer:
             metrics["kl_ref"] = core.masked_mean(kl, mask).detach()
             if not self.s.kl_in_reward:
                 loss = loss + self.s.kl_coef * core.agg_loss(kl, mask, self.s.agg, **counts)
-        aux = getattr(out, "aux_loss", None)
-        if aux is not None:  # the model's LRU auxiliary loss, already weighted by its config
-            loss = loss + aux * aux_share
-            metrics["lru_aux_loss"] = aux.detach()
-            metrics["lru_iterations"] = out.lru_stats["iterations_mean"]
-            metrics["lru_ponder"] = out.lru_stats["ponder"]
+        if states.aux_loss is not None:  # the model's LRU auxiliary loss, already weighted by its config
+            loss = loss + states.aux_loss * aux_share
+            metrics["lru_aux_loss"] = states.aux_loss.detach()
+            metrics["lru_iterations"] = states.lru_stats["iterations_mean"]
+            metrics["lru_ponder"] = states.lru_stats["ponder"]
         metrics.update(pg_loss=pg_loss.detach(), actor_loss=loss.detach(),
                        entropy=core.masked_mean(entropy, mask).detach())
         return loss, metrics
 
     def _value_loss(self, part: Experience, counts: dict) -> tuple[torch.Tensor, dict]:
-        values, _ = self._values(part)
+        values = self._values(part)
         loss, metrics = core.value_loss(values, part.values, part.returns, part.response_mask, self.s.value_clip,
                                         self.s.agg, **counts)
         metrics.update(value_loss=loss.detach(),

@@ -1,0 +1,84 @@
+"""Prefix sharing in the trainer's forward: running each distinct prompt once gives the full forward's
+logprobs, LRU aux loss and gradients, for every group, with rows in any order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import models
+from models import ValueHeadModel
+from rl.core import logprobs_from_logits
+from rl.rollout import SamplingParams, TorchRolloutEngine
+from rl.shared_prompt import group_ordered_permutation, response_states
+
+PROMPTS = [[5, 9, 13, 2, 8], [7, 7], [3, 4, 5, 6], [11]]
+
+
+def rows(model, n=3):
+    """Sampled responses of different lengths to left-padded prompts of different lengths, rows shuffled."""
+    batch = TorchRolloutEngine(model, pad_token_id=0).generate(
+        PROMPTS, SamplingParams(temperature=1.0, max_new_tokens=6, n=n, stop_token_ids=(1, 2, 3)), seeds=[0, 1, 2, 3])
+    order = torch.randperm(len(batch.prompt_index), generator=torch.Generator().manual_seed(0))
+    ids = torch.cat([batch.prompt_ids, batch.response_ids], 1)[order]
+    mask = torch.cat([batch.prompt_mask, batch.response_mask], 1)[order]
+    return ids, mask, batch.response_ids.shape[1], batch.prompt_index[order]
+
+
+def policy_terms(model, ids, mask, r, prompt_index):
+    states = response_states(model.base_model, model.config, ids, mask, r, prompt_index)
+    logits = model.get_output_embeddings()(states.hidden)
+    logprobs = logprobs_from_logits(logits, ids[:, -r:]) * mask[:, -r:]
+    return logprobs, states
+
+
+@pytest.mark.parametrize("group", models.GROUPS)
+def test_shared_prompt_forward_equals_the_full_forward_and_its_gradients(group):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(models.tiny_config(group)).eval()
+    ids, mask, r, prompt_index = rows(model)
+    results = {}
+    for name, index in (("full", None), ("shared", prompt_index)):
+        model.zero_grad()
+        logprobs, states = policy_terms(model, ids, mask, r, index)
+        loss = logprobs.sum() + (states.aux_loss if states.aux_loss is not None else 0.0)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[name] = (logprobs.detach(), states, grads)
+    (full, full_states, full_grads), (shared, shared_states, shared_grads) = results["full"], results["shared"]
+    assert (full - shared).abs().max() <= 1e-5
+    assert full_grads.keys() == shared_grads.keys()
+    for name, grad in full_grads.items():  # per tensor: some (a key bias) are float noise around an exact 0
+        assert (grad - shared_grads[name]).abs().max() <= 1e-4 * grad.abs().max() + 1e-9, name
+    if model.config.model_type != "qwen2" and model.config.use_lru:
+        assert torch.allclose(full_states.aux_loss, shared_states.aux_loss, rtol=1e-5)
+        for name, value in full_states.lru_stats.items():
+            assert torch.allclose(value, shared_states.lru_stats[name], rtol=1e-5, atol=1e-6), name
+
+
+def test_shared_prompt_values_equal_the_full_forward():
+    torch.manual_seed(0)
+    critic = ValueHeadModel(AutoModelForCausalLM.from_config(models.tiny_config("mla_lru_fixed"))).eval()
+    ids, mask, r, prompt_index = rows(critic.lm)
+    full, shared = (critic.v_head(response_states(critic.backbone, critic.lm.config, ids, mask, r, index).hidden)
+                    for index in (None, prompt_index))
+    assert (full - shared).abs().max() <= 1e-5
+
+
+def test_rows_that_claim_one_prompt_but_differ_are_refused():
+    model = AutoModelForCausalLM.from_config(models.tiny_config("mla_only"))
+    ids, mask, r, prompt_index = rows(model)
+    with pytest.raises(ValueError, match="different prompt tokens"):
+        response_states(model.base_model, model.config, ids, mask, r, torch.zeros_like(prompt_index))
+
+
+def test_group_ordered_permutation_shuffles_whole_groups():
+    prompt_index = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]).flip(0)
+    order = group_ordered_permutation(prompt_index, torch.Generator().manual_seed(3))
+    assert sorted(order.tolist()) == list(range(8))
+    groups = prompt_index[order].tolist()
+    assert all(groups[i] == groups[i + 1] for i in range(0, 8, 2))
+    orders = {tuple(group_ordered_permutation(prompt_index, torch.Generator().manual_seed(s)).tolist())
+              for s in range(10)}
+    assert len(orders) > 1
