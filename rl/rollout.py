@@ -131,32 +131,47 @@ class TorchRolloutEngine:
         fast = {"lru_diagnostics": False} if isinstance(self.model, LatentReasoningForCausalLM) else {}
         stop = torch.tensor(list(params.stop_token_ids), dtype=torch.long, device=device)
         out = self._prefill(unique_ids, unique_mask, index, fast)
+        # The decode batch: its rows are ``live`` (indices into the output rows). Rows that finish stay in it,
+        # fed padding, until a quarter of it has finished; then it is compacted, so the rows that run long do
+        # not make every finished row pay for their tail (what generate() does).
+        live = torch.arange(rows, device=device)
         sequence, attention = ids, mask
         position = (mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]
-        tokens, logprobs, alive = [], [], []
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
-        for _ in range(params.max_new_tokens):
-            logits = out.logits[:, -1].float()  # (rows, V)
+        tokens = torch.full((rows, params.max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros(rows, params.max_new_tokens, device=device)
+        lengths = torch.zeros(rows, dtype=torch.long, device=device)  # response tokens so far, stop token included
+        steps = 0
+        for step in range(params.max_new_tokens):
+            steps = step + 1
+            logits = out.logits[:, -1].float()  # (live rows, V)
             scaled = logits / params.temperature if params.temperature > 0 else logits
             if generators is None:
                 token = processors(sequence, scaled).argmax(-1)
             else:
                 token = self._sample(processors(sequence, scaled.clone()), generators)
             token = torch.where(finished, torch.full_like(token, self.pad_token_id), token)
-            tokens.append(token)
-            logprobs.append(torch.where(finished, 0.0, logprobs_from_logits(scaled[:, None], token[:, None])[:, 0]))
-            alive.append(~finished)
+            tokens[live, step] = token
+            logprobs[live, step] = torch.where(finished, 0.0,
+                                               logprobs_from_logits(scaled[:, None], token[:, None])[:, 0])
+            lengths[live] += (~finished).long()
             finished = finished | torch.isin(token, stop)
             if bool(finished.all()):
                 break
             sequence = torch.cat([sequence, token[:, None]], dim=1)
             attention = torch.cat([attention, torch.ones_like(token[:, None])], dim=1)
             position = position + 1
+            if 4 * int(finished.sum()) >= len(finished):
+                keep = (~finished).nonzero().squeeze(1)
+                live, sequence, attention, position, token, finished = (
+                    t[keep] for t in (live, sequence, attention, position, token, finished))
+                out.past_key_values.reorder_cache(keep)  # the LRU states too (LatentCache)
+                generators = None if generators is None else [generators[i] for i in keep.tolist()]
             out = self.model(token[:, None], attention_mask=attention, position_ids=position,
                              past_key_values=out.past_key_values, use_cache=True, **fast)
-        return RolloutBatch(prompt_ids=ids, prompt_mask=mask, response_ids=torch.stack(tokens, 1),
-                            response_mask=torch.stack(alive, 1).long(), logprobs=torch.stack(logprobs, 1),
-                            prompt_index=index)
+        response_mask = torch.arange(steps, device=device) < lengths[:, None]
+        return RolloutBatch(prompt_ids=ids, prompt_mask=mask, response_ids=tokens[:, :steps],
+                            response_mask=response_mask.long(), logprobs=logprobs[:, :steps], prompt_index=index)
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, index: torch.Tensor, fast: dict):
         """Run each distinct prompt once, then copy its cache rows and last logits to its n samples (rows

@@ -80,6 +80,35 @@ def test_stop_tokens_end_responses_and_mask_them_in():
     assert (batch.response_ids[0, first + 1:] == 0).all()
 
 
+@pytest.mark.parametrize("group", models.GROUPS)
+def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(group):
+    """Finished rows are dropped from the decode batch (cache and LRU state included): every row must read as
+    its own free-running response cut after its first stop token, with the same logprobs."""
+    engine = TorchRolloutEngine(build(group), pad_token_id=0)
+    prompts = PROMPTS * 2
+    free = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=12))
+    stops = tuple({int(free.response_ids[r, r + 1]) for r in range(3)})  # rows 0-2 stop by their 2nd-4th token
+    batch = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=12, stop_token_ids=stops))
+    lengths = []
+    for r in range(len(prompts)):
+        hits = torch.isin(free.response_ids[r], torch.tensor(stops)).nonzero()
+        lengths.append(int(hits[0]) + 1 if len(hits) else 12)
+        assert batch.response_mask[r].sum() == lengths[r]
+        assert torch.equal(batch.response_ids[r, :lengths[r]], free.response_ids[r, :lengths[r]])
+        assert (batch.response_ids[r, lengths[r]:] == 0).all()
+    assert sum(length <= 4 for length in lengths) >= len(prompts) // 4 and max(lengths) > 6  # it did compact
+    width = batch.logprobs.shape[1]
+    assert ((batch.logprobs - free.logprobs[:, :width]) * batch.response_mask).abs().max() <= 1e-5
+
+    sampled = SamplingParams(temperature=1.0, max_new_tokens=12, n=2, stop_token_ids=stops)
+    together = engine.generate(prompts, sampled, seeds=list(range(len(prompts))))
+    for i in range(len(prompts)):
+        alone = engine.generate(prompts[i:i + 1], sampled, seeds=[i])
+        length = alone.response_ids.shape[1]
+        assert torch.equal(together.response_ids[2 * i: 2 * i + 2, :length], alone.response_ids)
+        assert (together.response_ids[2 * i: 2 * i + 2, length:] == 0).all()
+
+
 def test_load_weights_makes_the_engine_compute_the_trainers_model():
     trainer_model, engine_model = build("mla_lru_fixed", seed=1), build("mla_lru_fixed", seed=2)
     engine = TorchRolloutEngine(engine_model, pad_token_id=0)
