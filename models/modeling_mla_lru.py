@@ -458,8 +458,13 @@ class LatentReasoningModel(LatentReasoningPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=x.device)[None]
         valid = self._valid_positions(attention_mask, b, t, x.device)
-        mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=attention_mask,
-                                  past_key_values=past_key_values, position_ids=position_ids)
+        if self.config.mla_absorb and past_key_values is not None and t == 1 and attention_mask is not None:
+            # One new token attends to every real cached token: the padding mask is the whole mask, and
+            # only the absorbed path reads it. create_causal_mask's general machinery is skipped per token.
+            mask = attention_mask[:, None, None, :].bool()  # (B, 1, 1, S)
+        else:
+            mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=attention_mask,
+                                      past_key_values=past_key_values, position_ids=position_ids)
         position_embeddings = self.rotary_emb(x, position_ids)
         results = []
         for layer in self.layers:

@@ -158,7 +158,8 @@ class TorchRolloutEngine:
             finished = finished | torch.isin(token, stop)
             if bool(finished.all()):
                 break
-            sequence = torch.cat([sequence, token[:, None]], dim=1)
+            if params.repetition_penalty != 1.0:  # the one processor that reads the tokens so far
+                sequence = torch.cat([sequence, token[:, None]], dim=1)
             attention = torch.cat([attention, torch.ones_like(token[:, None])], dim=1)
             position = position + 1
             if 4 * int(finished.sum()) >= len(finished):
