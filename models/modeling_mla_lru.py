@@ -398,12 +398,16 @@ class LatentReasoningOutput(CausalLMOutputWithPast):
     aux_terms: {"stability", "sparsity", "ponder"}: means over valid positions and LRU layers.
     lru_stats: {"iterations_mean", "iterations_max", "ponder", "convergence", "halting_distribution" (K,)}.
     lru_iterations: (L_lru, B, T) iterations run at every position of every LRU layer (0 at pads).
+    lru_results, valid: each LRU layer's per-position report and the (B, T) mask of real tokens, for a
+    caller that weighs positions itself (the trainer's shared-prompt forward, ``lru_summary``).
     """
 
     aux_loss: torch.FloatTensor | None = None
     aux_terms: dict[str, torch.Tensor] | None = None
     lru_stats: dict[str, torch.Tensor] | None = None
     lru_iterations: torch.Tensor | None = None
+    lru_results: list[LRUResult] | None = None
+    valid: torch.Tensor | None = None
 
 
 @dataclass
@@ -531,6 +535,7 @@ class LatentReasoningForCausalLM(LatentReasoningPreTrainedModel, GenerationMixin
         if base.lru_results and lru_diagnostics:
             out.aux_loss, out.aux_terms, out.lru_stats, out.lru_iterations = lru_summary(
                 base.lru_results, base.valid, self.config)
+            out.lru_results, out.valid = base.lru_results, base.valid
         if labels is not None:
             out.loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
             if out.aux_loss is not None:

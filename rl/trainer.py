@@ -20,7 +20,7 @@ import torch
 from models import ValueHeadModel
 from rl import core
 from rl.rollout import RolloutBatch
-from rl.shared_prompt import ResponseStates, group_ordered_permutation, response_states
+from rl.shared_prompt import ResponseOutputs, group_ordered_permutation, response_outputs
 
 
 @dataclass(frozen=True)
@@ -92,23 +92,23 @@ class PPOTrainer:
 
     # ---- logprobs and values --------------------------------------------------------------------------
 
-    def _states(self, backbone, config, exp: Experience) -> ResponseStates:
-        return response_states(backbone, config, exp.input_ids, exp.attention_mask, exp.response_mask.shape[1],
-                               exp.prompt_index if self.s.share_prompt else None)
+    def _outputs(self, module, config, exp: Experience) -> ResponseOutputs:
+        return response_outputs(module, config, exp.input_ids, exp.attention_mask, exp.response_mask.shape[1],
+                                exp.prompt_index if self.s.share_prompt else None)
 
-    def _logits(self, model, exp: Experience) -> tuple[torch.Tensor, ResponseStates]:
+    def _logits(self, model, exp: Experience) -> tuple[torch.Tensor, ResponseOutputs]:
         """The (B, R, V) logits that predicted the response tokens (only those go through the LM head)."""
-        states = self._states(model.base_model, model.config, exp)
-        logits = model.get_output_embeddings()(states.hidden).float()
-        return logits / self.s.temperature if self.s.temperature > 0 else logits, states
+        out = self._outputs(model, model.config, exp)
+        logits = out.outputs.float()
+        return logits / self.s.temperature if self.s.temperature > 0 else logits, out
 
     def _logprobs(self, logits: torch.Tensor, exp: Experience) -> torch.Tensor:
         return core.logprobs_from_logits(logits, exp.input_ids[:, -exp.response_mask.shape[1]:])
 
     def _values(self, exp: Experience) -> torch.Tensor:
         """The (B, R) values of the state before each response token."""
-        states = self._states(self.critic.backbone, self.critic.lm.config, exp)
-        return self.critic.v_head(states.hidden).squeeze(-1)
+        hidden = self._outputs(self.critic.backbone, self.critic.lm.config, exp).outputs
+        return self.critic.v_head(hidden).squeeze(-1)
 
     # ---- prepare ---------------------------------------------------------------------------------------
 
@@ -222,7 +222,7 @@ class PPOTrainer:
                                  "lower the learning rate or check the data")
 
     def _policy_loss(self, part: Experience, counts: dict, aux_share: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        logits, states = self._logits(self.policy, part)
+        logits, out = self._logits(self.policy, part)
         logp = self._logprobs(logits, part)
         mask = part.response_mask
         pg_loss, metrics = core.ppo_policy_loss(logp, part.old_logprobs, part.advantages, mask, self.s.clip,
@@ -235,11 +235,11 @@ class PPOTrainer:
             metrics["kl_ref"] = core.masked_mean(kl, mask).detach()
             if not self.s.kl_in_reward:
                 loss = loss + self.s.kl_coef * core.agg_loss(kl, mask, self.s.agg, **counts)
-        if states.aux_loss is not None:  # the model's LRU auxiliary loss, already weighted by its config
-            loss = loss + states.aux_loss * aux_share
-            metrics["lru_aux_loss"] = states.aux_loss.detach()
-            metrics["lru_iterations"] = states.lru_stats["iterations_mean"]
-            metrics["lru_ponder"] = states.lru_stats["ponder"]
+        if out.aux_loss is not None:  # the model's LRU auxiliary loss, already weighted by its config
+            loss = loss + out.aux_loss * aux_share
+            metrics["lru_aux_loss"] = out.aux_loss.detach()
+            metrics["lru_iterations"] = out.lru_stats["iterations_mean"]
+            metrics["lru_ponder"] = out.lru_stats["ponder"]
         metrics.update(pg_loss=pg_loss.detach(), actor_loss=loss.detach(),
                        entropy=core.masked_mean(entropy, mask).detach())
         return loss, metrics

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 
 import models
 from models import ValueHeadModel
 from rl.core import logprobs_from_logits
 from rl.rollout import SamplingParams, TorchRolloutEngine
-from rl.shared_prompt import group_ordered_permutation, response_states
+from rl.shared_prompt import group_ordered_permutation, response_outputs
 
 PROMPTS = [[5, 9, 13, 2, 8], [7, 7], [3, 4, 5, 6], [11]]
 
@@ -27,10 +27,9 @@ def rows(model, n=3):
 
 
 def policy_terms(model, ids, mask, r, prompt_index):
-    states = response_states(model.base_model, model.config, ids, mask, r, prompt_index)
-    logits = model.get_output_embeddings()(states.hidden)
-    logprobs = logprobs_from_logits(logits, ids[:, -r:]) * mask[:, -r:]
-    return logprobs, states
+    out = response_outputs(model, model.config, ids, mask, r, prompt_index)
+    logprobs = logprobs_from_logits(out.outputs, ids[:, -r:]) * mask[:, -r:]
+    return logprobs, out
 
 
 @pytest.mark.parametrize("group", models.GROUPS)
@@ -52,6 +51,9 @@ def test_shared_prompt_forward_equals_the_full_forward_and_its_gradients(group):
     for name, grad in full_grads.items():  # per tensor: some (a key bias) are float noise around an exact 0
         assert (grad - shared_grads[name]).abs().max() <= 1e-4 * grad.abs().max() + 1e-9, name
     if model.config.model_type != "qwen2" and model.config.use_lru:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        own = model(ids, attention_mask=mask, position_ids=positions).aux_loss  # the model's own aux loss
+        assert torch.allclose(full_states.aux_loss, own, rtol=1e-6)
         assert torch.allclose(full_states.aux_loss, shared_states.aux_loss, rtol=1e-5)
         for name, value in full_states.lru_stats.items():
             assert torch.allclose(value, shared_states.lru_stats[name], rtol=1e-5, atol=1e-6), name
@@ -61,16 +63,35 @@ def test_shared_prompt_values_equal_the_full_forward():
     torch.manual_seed(0)
     critic = ValueHeadModel(AutoModelForCausalLM.from_config(models.tiny_config("mla_lru_fixed"))).eval()
     ids, mask, r, prompt_index = rows(critic.lm)
-    full, shared = (critic.v_head(response_states(critic.backbone, critic.lm.config, ids, mask, r, index).hidden)
+    full, shared = (critic.v_head(response_outputs(critic.backbone, critic.lm.config, ids, mask, r, index).outputs)
                     for index in (None, prompt_index))
     assert (full - shared).abs().max() <= 1e-5
+
+
+class SoftCappedQwen2(Qwen2ForCausalLM):
+    """A causal LM whose forward post-processes its logits (as Gemma 2's soft-capping does)."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = 3.0 * torch.tanh(out.logits / 3.0)
+        return out
+
+
+def test_logits_come_from_the_models_own_forward():
+    torch.manual_seed(0)
+    model = SoftCappedQwen2(models.tiny_config("baseline")).eval()
+    ids, mask, r, prompt_index = rows(model)
+    expected = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -r - 1: -1]
+    for index in (None, prompt_index):
+        logits = response_outputs(model, model.config, ids, mask, r, index).outputs
+        assert (logits - expected).abs().max() <= 1e-5
 
 
 def test_rows_that_claim_one_prompt_but_differ_are_refused():
     model = AutoModelForCausalLM.from_config(models.tiny_config("mla_only"))
     ids, mask, r, prompt_index = rows(model)
     with pytest.raises(ValueError, match="different prompt tokens"):
-        response_states(model.base_model, model.config, ids, mask, r, torch.zeros_like(prompt_index))
+        response_outputs(model, model.config, ids, mask, r, torch.zeros_like(prompt_index))
 
 
 def test_group_ordered_permutation_shuffles_whole_groups():

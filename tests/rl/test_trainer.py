@@ -42,7 +42,9 @@ def test_prepare_places_the_score_on_the_last_token_and_old_logprobs_match_the_r
     exp = trainer.prepare(batch, scores)
     model.train(False)
     assert (exp.old_logprobs - batch.logprobs).abs().max() <= 1e-4
-    assert torch.equal(exp.old_logprobs, exp.ref_logprobs)  # the reference starts as the policy: KL 0
+    # The reference starts as the policy: KL 0, up to rounding (a copy's weights sit at other addresses, which
+    # can change the CPU kernels' summation order).
+    assert (exp.old_logprobs - exp.ref_logprobs).abs().max() <= 1e-5
     last = batch.response_mask.sum(1) - 1
     assert torch.allclose(exp.rewards.gather(1, last[:, None]).squeeze(1), scores, atol=1e-6)
     assert exp.rewards.sum() == pytest.approx(scores.sum().item(), abs=1e-4)
