@@ -2,7 +2,7 @@
 
 A PPO/GRPO batch holds n samples of every prompt, and a plain forward recomputes the prompt for each of
 them: at the tiny default 125 of ~155 tokens per row. Here the distinct prompts of the rows go through the
-backbone once with a KV cache; the cache is copied to their rows (``reorder_cache``: an ``index_select``,
+model once with a KV cache; the cache is copied to their rows (``reorder_cache``: an ``index_select``,
 so gradients flow back into the prompt's activations) and the responses run on top of it. Positions and
 masks are those of the full forward, so the outputs are the same up to float rounding, and so are
 the gradients (tests/rl/test_shared_prompt.py). ``prompt_index=None`` is the plain forward.
