@@ -7,7 +7,7 @@ so gradients flow back into the prompt's activations) and the responses run on t
 masks are those of the full forward, so the outputs are the same up to float rounding, and so are
 the gradients (tests/rl/test_shared_prompt.py). ``prompt_index=None`` is the plain forward.
 
-Written here because the RL libraries this project follows (verl, TRL, OpenRLHF) recompute the prompt
+Written here because the peer this project benchmarks against (TRL's GRPOTrainer) recomputes the prompt
 per sample; only the caching API of ``transformers`` is needed to avoid it.
 """
 
