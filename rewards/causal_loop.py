@@ -31,8 +31,9 @@ in its length; nothing raises.
 0.0
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: verl loads a reward file with spec_from_file_location +
+# exec_module and never puts it in sys.modules, and @dataclass with string annotations looks the class's
+# module up in sys.modules (to spot ClassVar), which fails there. Real annotations need no look-up.
 import re
 from dataclasses import dataclass
 
