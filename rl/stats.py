@@ -30,7 +30,7 @@ from statsmodels.genmod.bayes_mixed_glm import BinomialBayesMixedGLM
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestPower
 
-EXACT_MAX_N = 20  # up to here the sign-flip tests enumerate all 2**n sign patterns (2**20 ~ 1e6)
+EXACT_MAX_N = 16  # up to here the sign-flip test enumerates all 2**n sign patterns (65,536; 2**20 takes ~10 s)
 MIN_N_NORMALITY = 20  # below this Shapiro-Wilk has too little power for "not rejected" to mean anything
 
 
@@ -162,29 +162,29 @@ def paired_ttest(a: np.ndarray, b: np.ndarray) -> TestResult:
     return TestResult("t-test", float(res.statistic), float(res.pvalue), f"exact (t distribution, df={len(d) - 1})")
 
 
-def wilcoxon_signed_rank(a: np.ndarray, b: np.ndarray, exact_max_n: int = EXACT_MAX_N) -> TestResult:
-    """Wilcoxon signed-rank test (scipy.stats.wilcoxon, zero_method="wilcox").
+def wilcoxon_signed_rank(a: np.ndarray, b: np.ndarray) -> TestResult:
+    """Wilcoxon signed-rank test (scipy.stats.wilcoxon, zero_method="wilcox", method="auto").
 
     Assumes the differences are symmetric about their median. Zero differences are dropped (Wilcoxon's
-    method) and tied absolute differences get average ranks. The p-value is exact when n <= ``exact_max_n``:
-    without ties or zeros from the exact null distribution, with them by enumerating all 2**n sign flips of
-    the statistic (scipy's own ``method="exact"`` is only conservative with ties). Above that: the exact
-    distribution without ties (n <= 50), else the normal approximation with tie correction. All zero: p = 1.
+    method) and tied absolute differences get average ranks. scipy's "auto" makes the p-value exact for
+    small n: without ties or zeros from the exact null distribution (n <= 50); with them, for n <= 13, by
+    enumerating all 2**n sign flips of the statistic; otherwise the normal approximation, tie-corrected and
+    without continuity correction. (``method="exact"`` itself is only conservative with ties.) All zero: p = 1.
     """
     d = paired_differences(a, b)
     nonzero = d[d != 0]
     if len(nonzero) == 0:
         return TestResult("wilcoxon", 0.0, 1.0, "exact", "all differences are zero")
     has_ties = len(np.unique(np.abs(nonzero))) < len(nonzero) or len(nonzero) < len(d)
-    if len(d) <= exact_max_n:
-        method = st.PermutationMethod(n_resamples=2 ** len(d), batch=2 ** 14) if has_ties else "exact"
-        label = "exact (all 2**n sign flips, ties/zeros present)" if has_ties else "exact"
+    if not has_ties and len(d) <= 50:
+        method = "exact"
+    elif has_ties and len(d) <= 13:
+        method = f"exact (all 2**{len(d)} sign flips, ties or zeros present)"
     else:
-        method = "exact" if not has_ties and len(d) <= 50 else "asymptotic"
-        label = method if method == "exact" else "asymptotic (normal, tie-corrected)"
-    res = st.wilcoxon(d, zero_method="wilcox", method=method)
+        method = "asymptotic (normal, tie-corrected)"
+    res = st.wilcoxon(d, zero_method="wilcox", method="auto")
     note = f"{len(d) - len(nonzero)} zero difference(s) dropped" if len(nonzero) < len(d) else ""
-    return TestResult("wilcoxon", float(res.statistic), float(res.pvalue), label, note)
+    return TestResult("wilcoxon", float(res.statistic), float(res.pvalue), method, note)
 
 
 def sign_flip_test(a: np.ndarray, b: np.ndarray, exact_max_n: int = EXACT_MAX_N, n_resamples: int = 99_999,
@@ -212,9 +212,9 @@ def choose_test(d: np.ndarray, min_n_normality: int = MIN_N_NORMALITY, alpha_nor
 
     Rule and why:
     - all differences equal: the permutation test (t is undefined, ranks carry no information);
-    - n < ``min_n_normality``: the exact sign-flip permutation test. It holds its level with no normality
-      assumption, and at such n Shapiro-Wilk rarely rejects even clearly skewed data, so "normality not
-      rejected" would not justify a t-test;
+    - n < ``min_n_normality``: the sign-flip permutation test (exact up to ``EXACT_MAX_N`` seeds). It holds
+      its level with no normality assumption, and at such n Shapiro-Wilk rarely rejects even clearly skewed
+      data, so "normality not rejected" would not justify a t-test;
     - otherwise Shapiro-Wilk on the differences: p >= ``alpha_normality`` (no evidence against normality,
       and the CLT helps at this n) -> the paired t-test, the most powerful test for normal differences;
       p < ``alpha_normality`` -> Wilcoxon signed-rank, robust to the heavy tails and outliers that break t.
@@ -223,10 +223,10 @@ def choose_test(d: np.ndarray, min_n_normality: int = MIN_N_NORMALITY, alpha_nor
     """
     d = np.asarray(d, dtype=float)
     if _is_constant(d):
-        return "permutation", "all differences equal: t undefined, ranks uninformative; exact sign-flip test"
+        return "permutation", "all differences equal: t undefined, ranks uninformative; sign-flip permutation test"
     if len(d) < min_n_normality:
         return "permutation", (f"n={len(d)} < {min_n_normality}: normality cannot be checked with useful power; "
-                               "exact sign-flip permutation test")
+                               "sign-flip permutation test (exact up to 16 seeds)")
     p_normal = float(st.shapiro(d).pvalue)
     if p_normal >= alpha_normality:
         return "t-test", f"n={len(d)}, Shapiro-Wilk p={p_normal:.3g} >= {alpha_normality}: no evidence against normal"
