@@ -272,7 +272,7 @@ def _sanity_row(kind: str, rows: list[cases.Case], outcomes: list[Outcome]) -> V
         return Verdict(False, "sanity", f"{kind}: {len(bad)}/{len(rows)} problems score {describe(outcomes[j])} "
                        f"({want} {rows[j].ceiling:g}), e.g. {short(rows[j].response)}")
     ceilings = sorted({round(c.ceiling, 6) for c in rows})
-    limit = f"{ceilings[0]:g}" if len(ceilings) == 1 else f"its honest worth, {ceilings[0]:g} to {ceilings[-1]:g}"
+    limit = f"{ceilings[0]:.3g}" if len(ceilings) == 1 else f"its honest worth, {ceilings[0]:.3g} to {ceilings[-1]:.3g}"
     lo, hi = min(o.score for o in outcomes), max(o.score for o in outcomes)
     got = f"{lo:.3g} on all" if lo == hi else f"{lo:.3g} to {hi:.3g} over"
     return Verdict(True, "sanity", f"{kind}: {got} {len(rows)} problems ({want} {limit})")

@@ -29,7 +29,12 @@ def load_file_module(path: Path, spec: str) -> ModuleType:
         raise ValueError(f"reward function {spec!r}: no file {path}")
     module_spec = importlib.util.spec_from_file_location(f"custom_reward_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # the user's file failed at import; say so, keep the cause chained
+        hint = (" (a module-level @dataclass under `from __future__ import annotations` needs sys.modules, which "
+                "verl's file loading leaves empty: drop the __future__ import)") if "__dict__" in str(e) else ""
+        raise ValueError(f"reward function {spec!r}: running {path} raised {type(e).__name__}: {e}{hint}") from e
     return module
 
 
