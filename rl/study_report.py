@@ -23,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -80,7 +81,7 @@ def summarize_experiments(runs: list[dict]) -> list[dict]:
     for experiment in sorted({r["experiment"] for r in runs}):
         row = {"experiment": experiment, "seeds": sorted(r["seed"] for r in runs if r["experiment"] == experiment)}
         for metric in METRICS:
-            values = list(seed_scores(runs, metric)[experiment].values())
+            values = [v for _, v in sorted(seed_scores(runs, metric)[experiment].items())]  # seed order: same sums
             row[metric] = asdict(stats.mean_ci(np.array(values))) if values else None
         rows.append(row)
     return rows
@@ -120,6 +121,7 @@ def run_contrast(runs: list[dict], name: str, a: str, b: str, metric: str, famil
                          "t": asdict(stats.mean_ci(x - y))},
             "tests": {t.name: asdict(t) for t in (cmp.ttest, cmp.wilcoxon, cmp.permutation)},
             "chosen": cmp.chosen, "reason": cmp.reason, "p": cmp.p,
+            "min_p_permutation": 2 / 2 ** len(seeds) if len(seeds) <= stats.EXACT_MAX_N else None,
             "d_z": stats.cohens_dz(x, y), "rank_biserial": stats.rank_biserial(x, y)}
 
 
@@ -243,7 +245,8 @@ def _sections(study: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
     out = [("Experiments", "Included runs only; mean over seeds with a 95% t interval.", EXPERIMENT_HEADER,
             [experiment_cells(r) for r in study["experiments"]]),
            ("Pre-registered contrasts", f"Holm over the {m} planned tests (a test not run counts as p = 1). "
-            "Paired by seed; MDE at power 0.8 and alpha / m.", CONTRAST_HEADER,
+            "Paired by seed; MDE at power 0.8 and alpha / m. The exact sign-flip test cannot go below p = 2 / 2^n "
+            "(0.0625 with 5 seeds).", CONTRAST_HEADER,
             [contrast_cells(r) for r in study["preregistered"]]),
            (f"Exploratory contrasts vs {study['main']}", "Exploratory: Benjamini-Hochberg over these tests only; "
             "not confirmatory.", CONTRAST_HEADER, [contrast_cells(r) for r in study["exploratory"]])]
@@ -267,7 +270,8 @@ def to_markdown(study: dict) -> str:
 
 
 LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "<": r"\textless{}", ">": r"\textgreater{}"}
 
 
 def latex_escape(text: str) -> str:
@@ -305,13 +309,13 @@ def to_json(study: dict) -> str:
 
 # ---- figures ----------------------------------------------------------------------------------------------
 
-def _figure() -> tuple[Figure, object]:
+def _figure() -> tuple[Figure, Axes]:
     fig = Figure(figsize=(6.5, 4))  # the Agg canvas directly: no pyplot state, no display
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot()
 
 
-def _save(fig: Figure, ax: object, path: Path, title: str, xlabel: str, ylabel: str) -> Path:
+def _save(fig: Figure, ax: Axes, path: Path, title: str, xlabel: str, ylabel: str) -> Path:
     ax.set_title(title), ax.set_xlabel(xlabel), ax.set_ylabel(ylabel), ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
@@ -337,6 +341,7 @@ def plot_by_steps(runs: list[dict], key: str, ylabel: str, path: Path) -> Path |
         (line,) = ax.plot([s + offset for s in steps], [np.mean(points[s]) for s in steps], label=experiment)
         for s in steps:
             ax.scatter([s + offset] * len(points[s]), points[s], s=14, color=line.get_color(), alpha=0.7)
+    ax.set_xticks(sorted({s for points in by_exp.values() for s in points}))
     return _save(fig, ax, path, f"{ylabel} by number of steps (dot: one seed)", "reasoning steps", ylabel)
 
 
@@ -346,7 +351,7 @@ def plot_seeds(runs: list[dict], excluded_runs: list[dict], path: Path) -> Path:
     fig, ax = _figure()
     for i, name in enumerate(names):
         acc = [r["metrics"]["acc"] for r in runs if r["experiment"] == name]
-        ax.scatter([i] * len(acc), acc, s=20, zorder=3, label="seed" if i == 0 else None)
+        ax.scatter(i + np.linspace(-0.1, 0.1, len(acc)), acc, s=20, zorder=3, label="seed" if i == 0 else None)
         if acc:
             ax.hlines(np.mean(acc), i - 0.25, i + 0.25, color="black", label="mean" if i == 0 else None)
         bad = [r["metrics"]["acc"] for r in excluded_runs if r["experiment"] == name]
