@@ -92,6 +92,8 @@ def load_problems(data: Path | None, num: int, seed: int) -> tuple[list[dict], s
         missing = sorted(set(VERL_COLUMNS) - set(table.column_names))
         if missing:
             raise ValueError(f"--data {data}: missing verl columns {missing}; have {table.column_names}")
+        if table.num_rows == 0:
+            raise ValueError(f"--data {data}: no rows")
         return table.slice(0, num).to_pylist(), str(data)
     import numpy as np
 
@@ -117,7 +119,7 @@ def score_of(result: object) -> float:
     return float(value)
 
 
-class _Hung(Exception):
+class _Hung(BaseException):  # not an Exception: a reward's own `except Exception` must not swallow it
     pass
 
 
@@ -142,15 +144,17 @@ def _time_limit(seconds: float):
 
 def call(fn: Callable, row: dict, response: object) -> Outcome:
     """One call with verl's arguments, timed; an exception, a hang or a non-score becomes ``error``."""
+    args = (row["data_source"], response, row["reward_model"]["ground_truth"], row.get("extra_info"))
     start = time.perf_counter()
     try:
         with _time_limit(CALL_TIMEOUT_S):
-            result = fn(row["data_source"], response, row["reward_model"]["ground_truth"], row.get("extra_info"))
+            start = time.perf_counter()  # the call alone, not the timer's set-up
+            result = fn(*args)
+            seconds = time.perf_counter() - start
     except _Hung:
         return Outcome(None, None, f"hung for more than {CALL_TIMEOUT_S:g} s", time.perf_counter() - start)
     except Exception as e:  # the function under test: any failure is the finding, reported with its input
         return Outcome(None, None, f"raised {type(e).__name__}: {short(str(e), 60)}", time.perf_counter() - start)
-    seconds = time.perf_counter() - start
     try:
         return Outcome(result, score_of(result), None, seconds)
     except ValueError as e:
@@ -350,6 +354,8 @@ def sample_responses(rows: list[dict], w: cases.Weights) -> list[tuple[dict, str
 def read_samples(path: Path) -> list[dict]:
     """``samples.jsonl``: one object a line with step, data_source, prompt, response, ground_truth,
     extra_info, score and parts (the driver's record of what the policy wrote and what it scored)."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file (a run writes its recorded responses there)")
     rows = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
