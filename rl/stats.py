@@ -35,7 +35,7 @@ MIN_N_NORMALITY = 20  # below this Shapiro-Wilk has too little power for "not re
 
 
 @dataclass(frozen=True)
-class TestResult:
+class PairedTestResult:
     """One two-sided test of H0: the paired differences are centred on zero."""
 
     name: str  # "t-test" | "wilcoxon" | "permutation"
@@ -51,9 +51,9 @@ class PairedComparison:
 
     n: int
     mean_diff: float
-    ttest: TestResult
-    wilcoxon: TestResult
-    permutation: TestResult
+    ttest: PairedTestResult
+    wilcoxon: PairedTestResult
+    permutation: PairedTestResult
     chosen: str
     reason: str
 
@@ -149,20 +149,21 @@ def _is_constant(d: np.ndarray) -> bool:
     return bool(np.ptp(d) <= 1e-12 * max(1.0, float(np.max(np.abs(d)))))
 
 
-def paired_ttest(a: np.ndarray, b: np.ndarray) -> TestResult:
+def paired_ttest(a: np.ndarray, b: np.ndarray) -> PairedTestResult:
     """Student's paired t-test (scipy.stats.ttest_rel). Assumes the differences are normal, or n large (CLT).
 
     Undefined when all differences are equal (sd 0): p is NaN with a note rather than scipy's 0/0 or 1e-31.
     """
     d = paired_differences(a, b)
     if _is_constant(d):
-        return TestResult("t-test", float("nan"), float("nan"), "exact (t distribution)",
+        return PairedTestResult("t-test", float("nan"), float("nan"), "exact (t distribution)",
                           "all differences equal: the sd is 0 and t is undefined")
     res = st.ttest_rel(a, b)
-    return TestResult("t-test", float(res.statistic), float(res.pvalue), f"exact (t distribution, df={len(d) - 1})")
+    return PairedTestResult("t-test", float(res.statistic), float(res.pvalue),
+                            f"exact (t distribution, df={len(d) - 1})")
 
 
-def wilcoxon_signed_rank(a: np.ndarray, b: np.ndarray) -> TestResult:
+def wilcoxon_signed_rank(a: np.ndarray, b: np.ndarray) -> PairedTestResult:
     """Wilcoxon signed-rank test (scipy.stats.wilcoxon, zero_method="wilcox", method="auto").
 
     Assumes the differences are symmetric about their median. Zero differences are dropped (Wilcoxon's
@@ -174,7 +175,7 @@ def wilcoxon_signed_rank(a: np.ndarray, b: np.ndarray) -> TestResult:
     d = paired_differences(a, b)
     nonzero = d[d != 0]
     if len(nonzero) == 0:
-        return TestResult("wilcoxon", 0.0, 1.0, "exact", "all differences are zero")
+        return PairedTestResult("wilcoxon", 0.0, 1.0, "exact", "all differences are zero")
     has_ties = len(np.unique(np.abs(nonzero))) < len(nonzero) or len(nonzero) < len(d)
     if not has_ties and len(d) <= 50:
         method = "exact"
@@ -184,17 +185,19 @@ def wilcoxon_signed_rank(a: np.ndarray, b: np.ndarray) -> TestResult:
         method = "asymptotic (normal, tie-corrected)"
     res = st.wilcoxon(d, zero_method="wilcox", method="auto")
     note = f"{len(d) - len(nonzero)} zero difference(s) dropped" if len(nonzero) < len(d) else ""
-    return TestResult("wilcoxon", float(res.statistic), float(res.pvalue), method, note)
+    return PairedTestResult("wilcoxon", float(res.statistic), float(res.pvalue), method, note)
 
 
 def sign_flip_test(a: np.ndarray, b: np.ndarray, exact_max_n: int = EXACT_MAX_N, n_resamples: int = 99_999,
-                   rng_seed: int = 0) -> TestResult:
+                   rng_seed: int = 0) -> PairedTestResult:
     """Paired permutation test of the mean difference: under H0 each seed's difference is as likely +d as -d.
 
     scipy.stats.permutation_test on the single sample ``d`` with ``permutation_type="samples"`` flips the sign
     of each difference independently (equivalently, swaps a and b within each seed; never across seeds, so
-    between-seed variation cancels). Exact (all 2**n patterns) for n <= ``exact_max_n``: p = share of patterns
-    with |mean| >= observed. Otherwise Monte Carlo with ``rng_seed``: p = (k + 1) / (R + 1).
+    between-seed variation cancels). Exact (all 2**n patterns) for n <= ``exact_max_n``: p = twice the smaller
+    tail, which for this symmetric null is the share of patterns with |mean| >= |observed|; so with n seeds and
+    no zero difference p >= 2 / 2**n (0.0625 for 5 seeds). Otherwise Monte Carlo with ``rng_seed``:
+    p = (k + 1) / (R + 1).
     Assumes only that the differences are symmetric about 0 under H0 (no normality).
     """
     d = paired_differences(a, b)
@@ -203,7 +206,7 @@ def sign_flip_test(a: np.ndarray, b: np.ndarray, exact_max_n: int = EXACT_MAX_N,
     res = st.permutation_test((d,), np.mean, permutation_type="samples", vectorized=True, n_resamples=resamples,
                               rng=rng_seed, axis=-1)
     method = f"exact (all 2**{len(d)} sign flips)" if exact else f"monte carlo ({resamples} flips, seed {rng_seed})"
-    return TestResult("permutation", float(res.statistic), float(res.pvalue), method)
+    return PairedTestResult("permutation", float(res.statistic), float(res.pvalue), method)
 
 
 def choose_test(d: np.ndarray, min_n_normality: int = MIN_N_NORMALITY, alpha_normality: float = 0.05
@@ -222,6 +225,8 @@ def choose_test(d: np.ndarray, min_n_normality: int = MIN_N_NORMALITY, alpha_nor
     reader can see whether a conclusion hinges on the choice.
     """
     d = np.asarray(d, dtype=float)
+    if d.ndim != 1 or len(d) < 2 or not np.all(np.isfinite(d)):
+        raise ValueError(f"choose_test needs a 1-D array of at least 2 finite differences, got {d!r}")
     if _is_constant(d):
         return "permutation", "all differences equal: t undefined, ranks uninformative; sign-flip permutation test"
     if len(d) < min_n_normality:

@@ -52,7 +52,8 @@ def validate_runs(runs: list[dict]) -> None:
         seen.add(key)
         for name in METRICS:
             value = run["metrics"].get(name)
-            if (name == "acc" and value is None) or (value is not None and not math.isfinite(value)):
+            number = isinstance(value, int | float) and math.isfinite(value)
+            if (name == "acc" and not number) or (value is not None and not number):
                 raise ValueError(f"run {key}: metrics[{name!r}] = {value!r}; acc must be a finite number and "
                                  "other metrics finite or None")
 
@@ -211,7 +212,7 @@ def contrast_cells(row: dict) -> list[str]:
     rank-biserial, MDE d_z (raw) at alpha / m. A contrast not run fills the remaining cells with its reason."""
     head = [row["name"], row["metric"], f"{row['experiment_a']} - {row['experiment_b']}"]
     if row["status"] != "run":
-        return head + ["0", f"not run: {row['reason']}"] + [""] * 6
+        return head + ["-", f"not run: {row['reason']}"] + [""] * 6
     return head + [str(row["n"]), _ci(row["ci"]), f"{row['chosen']} ({row['reason']})", _num(row["p"], ".3g"),
                    _num(row["p_adjusted"], ".3g"), _num(row["d_z"], ".2f"), _num(row["rank_biserial"], ".2f"),
                    _mde(row)]
@@ -375,9 +376,9 @@ def write_report(runs: list[dict], problems: list[dict] | None, out_dir: str | P
                  main: str = MAIN) -> dict:
     """Write report.md, report.json, report.tex (when ``latex``) and figures/*.png into ``out_dir``; return the
     study (what report.json holds)."""
+    study = build_study(runs, problems, main)  # validates before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    study = build_study(runs, problems, main)
     study["figures"] = [str(p.relative_to(out)) for p in write_figures(runs, out)]
     (out / "report.md").write_text(to_markdown(study) + "\n" + "\n".join(f"![{Path(f).stem}]({f})"
                                                                         for f in study["figures"]) + "\n")

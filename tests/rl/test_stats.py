@@ -43,6 +43,8 @@ def test_one_seed_and_2d_inputs_are_refused():
         stats.compare_paired(np.ones(1), np.ones(1))
     with pytest.raises(ValueError, match="1-D"):
         stats.paired_differences(np.ones((2, 2)), np.ones((2, 2)))
+    with pytest.raises(ValueError, match="at least 2 finite differences"):
+        stats.choose_test(np.array([np.nan, 1.0]))
 
 
 # ---- paired t-test and the t quantile ---------------------------------------------------------------------

@@ -126,6 +126,8 @@ def test_bad_tables_are_refused():
         report.build_study(runs + [make_run("baseline", 0)])
     with pytest.raises(ValueError, match=r"metrics\['acc'\] = nan"):
         report.build_study([make_run("baseline", 0, acc=float("nan"))])
+    with pytest.raises(ValueError, match=r"metrics\['wall_s'\] = '12 s'"):
+        report.build_study([{**make_run("baseline", 0), "metrics": {"acc": 0.5, "wall_s": "12 s"}}])
     with pytest.raises(ValueError, match=r"run 0 lacks \['passed_warm_start'\]"):
         report.build_study([{"experiment": "baseline", "seed": 0, "metrics": {"acc": 0.5}}])
 
