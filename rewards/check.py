@@ -337,9 +337,13 @@ def compare(fn: Callable, other: Callable, responses: list[tuple[dict, str, obje
             counts[kind][1] += 1
             diffs.append((kind, a, b, response))
     print(f"{len(responses)} responses, {len(diffs)} scored differently")
-    print(f"{'kind':<42} {'n':>6} {'differ':>7}")
-    for kind, (n, d) in counts.items():
-        print(f"{kind:<42} {n:>6} {d:>7}")
+    differing = {kind: nd for kind, nd in counts.items() if nd[1]}
+    if differing:
+        print(f"{'kind':<42} {'n':>6} {'differ':>7}")
+        for kind, (n, d) in differing.items():
+            print(f"{kind:<42} {n:>6} {d:>7}")
+    agreeing = [n for kind, (n, _) in counts.items() if kind not in differing]
+    print(f"{len(agreeing)} {'other ' if differing else ''}kinds ({sum(agreeing)} responses) score the same")
     for kind, a, b, response in diffs[:show]:
         print(f"  {kind}: {describe(a)} vs {describe(b)}  {short(response)}")
     return 1 if diffs else 0
@@ -348,7 +352,7 @@ def compare(fn: Callable, other: Callable, responses: list[tuple[dict, str, obje
 def sample_responses(rows: list[dict], w: cases.Weights) -> list[tuple[dict, str, object]]:
     """Worked solutions, perturbed and tricked answers for every problem, hostile inputs for the first."""
     out = [(row, case.kind, case.response) for row in rows for case in cases.sanity_cases(row, w)]
-    return out + [(rows[0], f"hostile: {name}", r) for name, r in cases.hostile_inputs(answer_of(rows[0]))]
+    return out + [(rows[0], "hostile input", r) for _, r in cases.hostile_inputs(answer_of(rows[0]))]
 
 
 def read_samples(path: Path) -> list[dict]:

@@ -194,8 +194,13 @@ def test_compare_lists_where_two_functions_disagree(capsys):
     assert 0 < differ < total and header.endswith("scored differently")
     # the echo is where they part: 0.1 for the project's reward, more for the one that pays for echoes
     assert any(line.startswith("  echo of the initial state: 0.1 vs 0.") for line in out.splitlines())
-    table = {line[:42].strip(): line.split()[-2:] for line in out.splitlines()[3:] if not line.startswith("  ")}
-    assert table["worked solution"] == ["12", "0"] and table["hostile: None"] == ["1", "0"]
+    lines = out.splitlines()
+    assert lines[2].split() == ["kind", "n", "differ"]
+    table = {line[:42].strip(): line.split()[-2:] for line in lines[3:] if line[:1] not in " 0123456789"}
+    assert set(table) == {"one changed variable wrong", "echo of the initial state",
+                          "echo of the initial state, no reasoning"}  # worked solutions, hostile inputs agree
+    assert all(n == "12" and 0 < int(d) <= 12 for n, d in table.values())
+    assert "18 other kinds (" in out and ") score the same" in out
 
 
 def test_compare_a_function_with_its_file_form_agrees(capsys):
