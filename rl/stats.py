@@ -157,7 +157,7 @@ def paired_ttest(a: np.ndarray, b: np.ndarray) -> PairedTestResult:
     d = paired_differences(a, b)
     if _is_constant(d):
         return PairedTestResult("t-test", float("nan"), float("nan"), "exact (t distribution)",
-                          "all differences equal: the sd is 0 and t is undefined")
+                                "all differences equal: the sd is 0 and t is undefined")
     res = st.ttest_rel(a, b)
     return PairedTestResult("t-test", float(res.statistic), float(res.pvalue),
                             f"exact (t distribution, df={len(d) - 1})")
@@ -231,7 +231,7 @@ def choose_test(d: np.ndarray, min_n_normality: int = MIN_N_NORMALITY, alpha_nor
         return "permutation", "all differences equal: t undefined, ranks uninformative; sign-flip permutation test"
     if len(d) < min_n_normality:
         return "permutation", (f"n={len(d)} < {min_n_normality}: normality cannot be checked with useful power; "
-                               "sign-flip permutation test (exact up to 16 seeds)")
+                               f"sign-flip permutation test (exact up to {EXACT_MAX_N} seeds)")
     p_normal = float(st.shapiro(d).pvalue)
     if p_normal >= alpha_normality:
         return "t-test", f"n={len(d)}, Shapiro-Wilk p={p_normal:.3g} >= {alpha_normality}: no evidence against normal"
@@ -248,7 +248,7 @@ def compare_paired(a: np.ndarray, b: np.ndarray, rng_seed: int = 0) -> PairedCom
 
 
 def cohens_dz(a: np.ndarray, b: np.ndarray) -> float:
-    """Cohen's d_z = mean(d) / sd(d, ddof=1) (Cohen 1988, eq. 2.3.5); t = d_z * sqrt(n). NaN when sd is 0."""
+    """Cohen's d_z = mean(d) / sd(d, ddof=1) (Cohen 1988; Lakens 2013); t = d_z * sqrt(n). NaN when sd is 0."""
     d = paired_differences(a, b)
     return float("nan") if _is_constant(d) else float(d.mean() / d.std(ddof=1))
 
