@@ -23,6 +23,7 @@ differently (exit 1 if any), ``--responses RUN_DIR`` re-scores what a run's poli
 
 # No ``from __future__ import annotations``, as in rewards/causal_loop.py.
 import argparse
+import functools
 import json
 import math
 import numbers
@@ -464,7 +465,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compare", metavar="OTHER", help="another function: list the responses the two score differently")
     p.add_argument("--responses", type=Path, metavar="RUN_DIR", help="re-score a run's samples.jsonl, by level")
     p.add_argument("--show", type=int, default=10, help="disagreements --compare prints (default 10)")
+    p.add_argument("--reward-kwargs", type=json.loads, default={}, metavar="JSON",
+                   help="keyword arguments for the function, as verl's custom_reward_function.reward_kwargs")
     args = p.parse_args(argv)
+    if not isinstance(args.reward_kwargs, dict):
+        p.error(f"--reward-kwargs {args.reward_kwargs!r}: write a JSON object, e.g. '{{\"format_score\": 0.2}}'")
     unknown = sorted(set(args.checks) - set(CHECKS))
     if unknown:
         p.error(f"--checks {','.join(unknown)}: unknown; valid checks are {','.join(CHECKS)}")
@@ -488,7 +493,7 @@ def _explain_row(args: argparse.Namespace) -> dict:
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    fn = load_reward_fn(args.reward)
+    fn = functools.partial(load_reward_fn(args.reward), **args.reward_kwargs)  # verl merges them into every call
     if args.explain is not None:
         return explain(fn, _explain_row(args), sys.stdin.read() if args.explain == "-" else args.explain)
     if args.compare:

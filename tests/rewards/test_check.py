@@ -97,6 +97,15 @@ def test_weights_state_the_scheme_under_test(capsys):
     assert code == 0, out
 
 
+def test_reward_kwargs_reach_the_function(capsys):
+    code, out = run(capsys, GOOD, "--reward-kwargs", '{"format_score": 0.2}', "--explain", "<think>s</think>x",
+                    "--ground-truth", "A=1")
+    assert code == 0 and "score         0\n" in out  # no answer block: still 0
+    code, out = run(capsys, GOOD, *SMALL, "--checks", "sanity", "--reward-kwargs", '{"format_score": 0.2}',
+                    "--format-score", "0.2")
+    assert code == 0 and "echo of the initial state: 0.2 on all 12 problems (ceiling 0.2)" in out
+
+
 def test_a_hang_is_reported_not_waited_for(monkeypatch):
     monkeypatch.setattr(check, "CALL_TIMEOUT_S", 0.2)
 
