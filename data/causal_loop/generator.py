@@ -21,6 +21,7 @@ from data.causal_loop.config import (
     ADD_SOURCE,
     COND_INC,
     COPY,
+    MAX_VARS,
     MODULO,
     MULTIPLY,
     SELF_OPS,
@@ -181,8 +182,9 @@ def _sample_group(rng: np.random.Generator, cfg: TaskConfig, level: int, n: int,
     perm = np.argsort(rng.random((n, v)), axis=1)
     rename = lambda a: np.where(a == PAD, PAD, np.take_along_axis(perm, np.maximum(a, 0), axis=1))  # noqa: E731
     lo, hi = cfg.num_steps
-    # Sorted, longest first (the rows are i.i.d., so this changes no distribution): the simulation then
-    # runs on slices; sample() scatters the rows to random places afterwards.
+    # Sorted, longest first (steps are drawn independently of everything else, so this changes no
+    # distribution): the simulation then runs on slices. sample() must scatter the rows to a random
+    # permutation of their places afterwards, or the output order follows the step count.
     steps = -np.sort(-rng.integers(lo, hi + 1, size=n))
     inner = rng.integers(cfg.inner_steps[0], cfg.inner_steps[1] + 1, size=n) if level == 4 else np.ones(n, int)
     semantics = rng.choice([s == "sequential" for s in cfg.semantics], size=n)
@@ -211,7 +213,10 @@ def sample(cfg: TaskConfig, n: int, rng: np.random.Generator) -> ProblemBatch:
     placed = []
     for level in cfg.levels:
         for v in range(cfg.num_vars[0], cfg.num_vars[1] + 1):
-            rows = np.flatnonzero((levels == level) & (nvars == v))
+            # A random permutation of the group's places: its rows come sorted by steps (_sample_group), and
+            # rows in index order made every batch a hard-to-easy curriculum and generate_unique, which keeps
+            # the first rows it draws, fill small splits with the longest problems only.
+            rows = rng.permutation(np.flatnonzero((levels == level) & (nvars == v)))
             if len(rows):
                 group = _sample_group(rng, cfg, level, len(rows), v)
                 group.trace = _run_sorted(group).transpose(1, 0, 2)
@@ -326,8 +331,23 @@ def nontrivial(batch: ProblemBatch) -> np.ndarray:
 
 
 # ---- canonical keys ----------------------------------------------------------------------------------
+#
+# A problem renamed (variables permuted consistently in the initial state and the rules) is the same
+# problem, so the key hashes the problem with its variables in a canonical order: an order computed from
+# the problem alone, such that a renamed copy gets its variables in the same order. Colour refinement
+# (1-dimensional Weisfeiler-Leman) on the rules as an edge-labelled graph gives every variable a colour
+# that a renaming carries along; ties left when it is stable are broken by individualising one variable
+# and refining again (the individualisation-refinement of nauty; McKay & Piperno, J. Symb. Comp. 2014).
+# Breaking a tie by "the lowest index in the first tied cell", with no search over the other choices, is
+# exact when the stable cells are orbits of the problem's symmetries. That holds for connected graphs with
+# at most one cycle (trees and unicyclic graphs), which covers every structure the generator draws: a
+# chain, a cycle, a tree plus one converging edge, a cycle plus an accumulator. Where it does not hold,
+# a renamed copy may get another key (a missed duplicate); two different problems never share a key
+# beyond a 64-bit collision, since the hash covers the whole renamed problem.
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)
+_NONE = np.uint64(0xFFFFFFFFFFFFFFFF)  # the colour of padding variables, so they sort last
+_SELF, _OUT, _PICKED = np.uint64(0x5E1F), np.uint64(0x0B7), np.uint64(0x91C4ED)
 
 
 def _splitmix(x: np.ndarray) -> np.ndarray:
@@ -336,29 +356,157 @@ def _splitmix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def canonical_keys(batch: ProblemBatch) -> np.ndarray:
-    """(B,) uint64: equal for the same problem, up to the listed order of rules that commute.
+def _combine(h: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return _splitmix(h * _MIX + x.astype(np.uint64, copy=False))
 
-    In simultaneous mode only the order among rules on the same target matters, so slots are stably
-    sorted by (phase, target) first; in sequential mode the listed order is part of the problem.
-    A 64-bit hash: a collision (about 1 in 10^8 among a million problems) drops one extra problem
+
+@dataclass
+class _RuleGraph:
+    """The rules of b problems as edge-labelled graphs on their V variables (R rule slots)."""
+
+    label: np.ndarray  # (b, R) uint64: hash of (phase, op, const, position among the slots whose order matters)
+    target: np.ndarray  # (b, R) int64
+    source: np.ndarray  # (b, R) int64, 0 where the rule reads no other variable
+    used: np.ndarray  # (b, R) bool: the slot holds a rule
+    reads: np.ndarray  # (b, R) bool: the slot holds a rule that reads another variable
+    num_vars: int  # V, the batch's padded width
+
+    def take(self, rows: np.ndarray) -> _RuleGraph:
+        return _RuleGraph(**{name: value[rows] if isinstance(value, np.ndarray) else value
+                             for name, value in vars(self).items()})
+
+
+def _slot_positions(phase: np.ndarray, target: np.ndarray, sequential: np.ndarray) -> np.ndarray:
+    """(b, R) each slot's place among the earlier slots whose order relative to it is part of the problem:
+    those of its phase in sequential mode, those of its phase and target in simultaneous mode."""
+    group = phase.astype(np.int64) * 256 + np.where(sequential[:, None], 255, target)  # targets < MAX_VARS < 255
+    earlier = np.tri(phase.shape[1], k=-1, dtype=bool)  # (R, R): slot r' comes before slot r
+    return np.count_nonzero((group[:, :, None] == group[:, None, :]) & earlier, axis=2)
+
+
+def _rule_graph(batch: ProblemBatch, rows: np.ndarray) -> _RuleGraph:
+    """The graph of problems ``rows`` of the batch."""
+    phase, op, const, seq = batch.phase[rows], batch.op[rows], batch.const[rows], batch.sequential[rows]
+    target, source = batch.target[rows].astype(np.int64), batch.source[rows].astype(np.int64)
+    used = phase != PAD_PHASE
+    reads = used & (source != PAD)
+    source = np.maximum(source, 0)
+    label = _splitmix(_pack((phase, 2), (op + 1, 4), (_slot_positions(phase, target, seq), 8), (const, 31)))
+    return _RuleGraph(label=label, target=target, source=source, used=used, reads=reads,
+                      num_vars=batch.init.shape[1])
+
+
+def _sum_into(values: np.ndarray, var: np.ndarray, valid: np.ndarray, width: int) -> np.ndarray:
+    """(b, V) sums of (b, R) ``values`` into variable ``var`` where ``valid`` (uint64, wrapping)."""
+    b = len(values)
+    flat = np.where(valid, np.arange(b)[:, None] * width + var, b * width)  # invalid -> a spare bin
+    out = np.zeros(b * width + 1, np.uint64)
+    np.add.at(out, flat, values)  # unbuffered: repeated bins all count
+    return out[:-1].reshape(b, width)
+
+
+def _refine(g: _RuleGraph, colour: np.ndarray) -> np.ndarray:
+    """One round of colour refinement, (b, V) -> (b, V): a variable's new colour hashes its colour, its rules
+    (each with the colour of the variable it reads) and the rules that read it (with their target's colour).
+    Sums of hashes make the neighbourhoods multisets; a rule's position is in its label, so order counts."""
+    read = np.where(g.reads, np.take_along_axis(colour, g.source, axis=1), _SELF)
+    written = np.take_along_axis(colour, g.target, axis=1)
+    incoming = _sum_into(_combine(g.label, read), g.target, g.used, g.num_vars)
+    outgoing = _sum_into(_combine(g.label ^ _OUT, written), g.source, g.reads, g.num_vars)
+    return _combine(_combine(colour, incoming), outgoing)
+
+
+def _num_cells(colour: np.ndarray, num_vars: np.ndarray) -> np.ndarray:
+    """(b,) number of distinct colours among the used variables (padding sorts last, as _NONE)."""
+    c = np.sort(colour, axis=1)
+    first = np.ones(c.shape, bool)
+    first[:, 1:] = c[:, 1:] != c[:, :-1]
+    return (first & (np.arange(c.shape[1]) < num_vars[:, None])).sum(axis=1)
+
+
+def _individualise(colour: np.ndarray) -> None:
+    """Give one variable of the first tied cell (smallest shared colour) a colour of its own, in place."""
+    tied = (colour[:, :, None] == colour[:, None, :]).sum(axis=2) > 1  # (b, V); padding is never picked:
+    shared = np.where(tied & (colour != _NONE), colour, _NONE).min(axis=1)  # the caller only passes ties
+    pick = np.argmax(colour == shared[:, None], axis=1)  # the lowest index in the cell
+    rows = np.arange(len(colour))
+    colour[rows, pick] = _splitmix(colour[rows, pick] ^ _PICKED)
+
+
+def _canonical_order(batch: ProblemBatch) -> np.ndarray:
+    """(B, V): ``order[b, k]`` is the variable of problem b named k in its canonical form (padding last).
+
+    The initial values are the first colours; most problems have distinct ones and are done without a
+    round. The others refine until their colouring is discrete, splitting a tie whenever it stops growing.
+    Each row stops on its own, so its colours, and its key, do not depend on the other rows of the batch.
+    """
+    used = np.arange(batch.init.shape[1]) < batch.num_vars[:, None]
+    colour = np.where(used, _splitmix(batch.init.astype(np.uint64) + _MIX), _NONE)
+    cells = _num_cells(colour, batch.num_vars)
+    rows = np.flatnonzero(cells < batch.num_vars)
+    graph = _rule_graph(batch, rows)
+    while len(rows):
+        nv = batch.num_vars[rows]
+        new = np.where(used[rows], _refine(graph, colour[rows]), _NONE)
+        new_cells = _num_cells(new, nv)
+        grew = new_cells > cells[rows]
+        colour[rows[grew]], cells[rows[grew]] = new[grew], new_cells[grew]
+        if not grew.all():  # stable and not discrete: split a tie and refine again
+            stuck, sub = rows[~grew], colour[rows[~grew]]
+            _individualise(sub)
+            colour[stuck], cells[stuck] = sub, cells[stuck] + 1
+        going = cells[rows] < nv
+        rows, graph = rows[going], graph.take(going) if not going.all() else graph
+    return np.argsort(colour, axis=1, kind="stable")
+
+
+def canonical_keys(batch: ProblemBatch) -> np.ndarray:
+    """(B,) uint64: equal for the same problem, up to renaming its variables and the listed order of rules
+    that commute.
+
+    The variables are renamed into their canonical order (see the comment above), then the problem is
+    hashed field by field. In simultaneous mode only the order among rules on the same target matters, so
+    slots are stably sorted by (phase, target) first; in sequential mode the listed order is part of the
+    problem. A 64-bit hash: a collision (about 1 in 10^8 among a million problems) drops one extra problem
     from a split, never lets a duplicate through.
     """
-    sort_key = np.where(batch.sequential[:, None], 0, batch.target.astype(np.int64))
-    order = np.lexsort((np.arange(batch.op.shape[1])[None].repeat(len(batch), 0), sort_key, batch.phase), axis=1)
-    slot = lambda a: np.take_along_axis(a.astype(np.int64), order, axis=1)  # noqa: E731
-    used_slot = slot(batch.phase) != PAD_PHASE
-    header = [batch.sequential, batch.num_steps, batch.inner_steps, batch.num_vars, np.full(len(batch), batch.modulus)]
-    # (column, valid) pairs; padding is skipped so the key does not depend on the batch's padded width.
-    columns = [(c.astype(np.int64), None) for c in header]
+    order = _canonical_order(batch)  # (B, V)
+    name = np.argsort(order, axis=1)  # (B, V): variable -> its canonical name
+    init = np.take_along_axis(batch.init, order, axis=1)
+    target = np.take_along_axis(name, batch.target.astype(np.int64), axis=1)
+    source = np.where(batch.source == PAD, PAD, np.take_along_axis(name, np.maximum(batch.source, 0).astype(np.int64),
+                                                                   axis=1))
+    return _hash_problem(batch, init, target, source)
+
+
+def _pack(*fields: tuple[np.ndarray, int]) -> np.ndarray:
+    """Integer arrays of at most the given bit widths, side by side in one uint64 (injective, so hashing the
+    packed word is hashing the fields, in one pass instead of one per field)."""
+    packed, shift = np.uint64(0), 0
+    for value, bits in fields:
+        value = np.asarray(value, np.int64)
+        assert value.size == 0 or 0 <= value.min() <= value.max() < 1 << bits, (value.min(), value.max(), bits)
+        packed, shift = packed | (value.astype(np.uint64) << np.uint64(shift)), shift + bits
+    assert shift <= 64, shift
+    return packed
+
+
+def _hash_problem(batch: ProblemBatch, init: np.ndarray, target: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """(B,) uint64 hash of the header, the initial state and the rules (with ``init``, ``target`` and ``source``
+    in place of the batch's own), commuting slots sorted."""
+    # Slots sorted by (phase, target, listed place) in simultaneous mode, (phase, listed place) in sequential.
+    sort_key = np.where(batch.sequential[:, None], 0, target.astype(np.int64))
+    order = np.argsort((batch.phase.astype(np.int64) * 256 + sort_key) * 256 + np.arange(batch.op.shape[1]), axis=1)
+    rules = _pack((batch.phase, 2), (batch.op + 1, 4), (target, 8), (source + 1, 8), (batch.const, 31))  # (B, R)
+    rules = np.take_along_axis(rules, order, axis=1)
+    used_slot = (rules & np.uint64(3)) != PAD_PHASE  # the phase, in the low bits
+    header = _pack((batch.sequential, 1), (batch.num_steps, 16), (batch.inner_steps, 16), (batch.num_vars, 8),
+                   (np.full(len(batch), batch.modulus), 21))
     used_var = np.arange(batch.init.shape[1]) < batch.num_vars[:, None]
-    columns += [(batch.init[:, j], used_var[:, j]) for j in range(batch.init.shape[1])]
-    for field in (batch.phase, batch.op, batch.target, batch.source, batch.const):
-        field = slot(field)
-        columns += [(field[:, r], used_slot[:, r]) for r in range(field.shape[1])]
-    with np.errstate(over="ignore"):
-        h = np.zeros(len(batch), np.uint64)
-        for col, valid in columns:
-            mixed = _splitmix(h * _MIX + col.astype(np.uint64))
-            h = mixed if valid is None else np.where(valid, mixed, h)
-    return h
+    # Each word hashed with its place (so order counts), padding left out (so the padded width does not
+    # count), the hashes summed: one pass over (B, 1 + V + R) instead of a loop over columns.
+    words = np.concatenate([header[:, None], init, rules], axis=1).astype(np.uint64)
+    valid = np.concatenate([np.ones((len(batch), 1), bool), used_var, used_slot], axis=1)
+    place = np.concatenate([[0], 1 + np.arange(init.shape[1]), 1 + MAX_VARS + np.arange(rules.shape[1])])
+    mixed = np.where(valid, _combine(_splitmix(place.astype(np.uint64) + _MIX), words), np.uint64(0))
+    return _splitmix(mixed.sum(axis=1, dtype=np.uint64))
