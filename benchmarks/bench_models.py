@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM
 import models
 from benchmarks.timing import median_seconds
 from models import LatentCache
-from models.param_count import _cache_bytes, count_params, qwen25_05b_shaped
+from models.param_count import cache_bytes_per_token, count_params
+from models.presets import qwen25_05b_shaped
 
 
 def timed(fn, repeats: int, device: str) -> float:
@@ -73,7 +74,7 @@ def compare_groups(name: str, configs: dict, device: str, train_shape, decode_sh
         decode = decode_tokens_per_s(model, *decode_shape, device, repeats)
         base = base or (train, decode)
         print(f"{group:<18}{count_params(config):>14,}{train:>14,.0f}{base[0] / train:>8.2f}x{decode:>14,.0f}"
-              f"{base[1] / decode:>8.2f}x{_cache_bytes(config, 2):>18,}")
+              f"{base[1] / decode:>8.2f}x{cache_bytes_per_token(config, torch.float16):>18,}")
         del model
 
 

@@ -1,28 +1,38 @@
-"""HF-compatible model code: MLA + Latent Reasoning Unit, the Qwen2 baseline presets, value heads,
-parameter counting. Importing this package registers ``mla_lru`` with ``AutoConfig`` and
+"""HF-compatible model code. Importing this package registers ``mla_lru`` with ``AutoConfig`` and
 ``AutoModelForCausalLM``.
 
     import models
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_config(models.tiny_config("mla_lru_adaptive"))
+
+configuration.py  the config (``LatentReasoningConfig``)
+lru.py            the Latent Reasoning Unit: the update, the halting rule, its auxiliary loss
+cache.py          KV caches (``GrowingCache`` for any decoder, ``LatentCache`` for MLA + LRU)
+modeling_mla_lru.py  MLA attention, decoder, backbone and causal LM
+presets.py        the experiment groups and their tiny presets (``python -m models.presets``: a table)
+param_count.py    parameter and cache-size formulas, the parameter-matched baseline
+value_head.py     the PPO critic: a value per token on any causal LM of this project
 """
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from models.cache import GrowingCache, LatentCache
 from models.configuration import LatentReasoningConfig
+from models.lru import LatentReasoningUnit, LRUResult, LRUState, lru_summary
 from models.modeling_mla_lru import (
-    GrowingCache,
-    LatentCache,
     LatentReasoningForCausalLM,
     LatentReasoningModel,
     LatentReasoningOutput,
-    cache_bytes_per_token,
+    position_ids_from_mask,
 )
+from models.param_count import cache_bytes_per_token, count_params
 from models.presets import GROUPS, tiny_config
 from models.value_head import ValueHeadModel
 
 AutoConfig.register(LatentReasoningConfig.model_type, LatentReasoningConfig, exist_ok=True)
 AutoModelForCausalLM.register(LatentReasoningConfig, LatentReasoningForCausalLM, exist_ok=True)
 
-__all__ = ["GROUPS", "GrowingCache", "LatentCache", "LatentReasoningConfig", "LatentReasoningForCausalLM",
-           "LatentReasoningModel", "LatentReasoningOutput", "ValueHeadModel", "cache_bytes_per_token", "tiny_config"]
+__all__ = ["GROUPS", "GrowingCache", "LRUResult", "LRUState", "LatentCache", "LatentReasoningConfig",
+           "LatentReasoningForCausalLM", "LatentReasoningModel", "LatentReasoningOutput", "LatentReasoningUnit",
+           "ValueHeadModel", "cache_bytes_per_token", "count_params", "lru_summary", "position_ids_from_mask",
+           "tiny_config"]

@@ -1,33 +1,17 @@
-"""MLA + Latent Reasoning Unit decoder, as a ``transformers`` model. One file, in data-flow order.
+"""MLA + Latent Reasoning Unit decoder, as a ``transformers`` model. One file, in data-flow order:
+attention (with the LRU refining its latent), the decoder layer, the backbone, the causal LM.
 
 Shapes: B batch, T new tokens, S cached + new tokens, H heads, C latent (kv_lora_rank), R rotary head
-size, Dn position-free head size, Dv value head size, K LRU iterations, W conv kernel.
+size, Dn position-free head size, Dv value head size.
 
 **MLA** (DeepSeek-V2, arXiv 2405.04434): keys and values come from a per-token latent c (C wide);
 each head's key is [W_UK c ; rope(k_r)] with one rotary key k_r shared by all heads. The cache holds
-only c and k_r: (C + R) numbers per token per layer. Decoding folds W_UK into the query and applies
-W_UV after attention ("absorption"), so no per-head key or value is ever built from the cache.
+only c and k_r: (C + R) numbers per token per layer (``models/cache.py``). Decoding folds W_UK into the
+query and applies W_UV after attention ("absorption"), so no per-head key or value is ever built from
+the cache.
 
-**LRU** (this project): K gated refinements of the latent before attention. Why this mechanism:
-a latent that sees only its own token cannot combine variables stated at other positions, so each
-iteration first mixes positions with a *causal depthwise convolution* over the previous iteration's
-states of the last W tokens, then applies a GRU-style update (Cho et al. 2014, arXiv 1406.1078):
-
-    m_t = sum_j w_j * h^{k-1}_{t-W+1+j}                        (causal, per channel)
-    z, r = sigmoid(W_zr [h^{k-1}_t ; m_t]);  h~ = tanh(W_h [r * h^{k-1}_t ; m_t])
-    h^k_t = (1 - z) * h^{k-1}_t + z * h~
-
-It stays causal (position t reads only positions <= t), and exact under caching with a state per
-sequence of fixed size, like a short-convolution layer in vLLM: the last W-1 inputs of every iteration,
-(K, W-1, C). The receptive field grows by W-1 positions per iteration. The refined latent is what
-attention reads and what the cache stores, so the MLA cache itself is unchanged.
-
-**Halting**: ``fixed`` runs exactly K iterations and returns h^K. ``adaptive`` is ACT (Graves 2016,
-arXiv 1603.08983) per position: halting probabilities p^n, N = first n with sum p >= 1 - eps (or K),
-remainder R = 1 - sum_{n<N} p^n, output sum_{n<N} p^n h^n + R h^N (weights sum to 1), ponder cost
-N + R. A halted position is frozen: later iterations of its neighbours read its frozen state. An
-optional per-sequence signal (sigmoid of a projection of the causal running mean of the states over
-positions <= t) is mixed into p; its running sums are part of the per-sequence state.
+**LRU** (``models/lru.py``: the update and the halting rule): K gated refinements of the latent before
+attention. The refined latent is what attention reads and what the cache stores.
 """
 
 from __future__ import annotations
@@ -40,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -52,218 +36,15 @@ from transformers.models.qwen2.modeling_qwen2 import (
     eager_attention_forward,
 )
 
+from models.cache import LatentCache
 from models.configuration import LatentReasoningConfig
-
-# ---- LRU -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class LRUState:
-    """Per-sequence state of one layer's LRU between forward calls (nothing grows with length)."""
-
-    conv: torch.Tensor  # (B, K, W-1, C): the last W-1 inputs of every iteration
-    running_sum: torch.Tensor | None = None  # (B, K, C): sum of each iteration's states over positions so far
-    count: torch.Tensor | None = None  # (B,): valid positions so far
-
-    def index_select(self, index: torch.Tensor) -> LRUState:
-        pick = lambda t: None if t is None else t.index_select(0, index.to(t.device))  # noqa: E731
-        return LRUState(pick(self.conv), pick(self.running_sum), pick(self.count))
+from models.lru import LatentReasoningUnit, LRUResult, lru_summary
 
 
-@dataclass
-class LRUResult:
-    """What one LRU call reports, per position (pads hold 0)."""
-
-    iterations: torch.Tensor  # (B, T) iterations run, N
-    remainder: torch.Tensor  # (B, T) ACT remainder R (1 in fixed mode)
-    # The diagnostics below are None when the call was made with diagnostics=False (fast decoding).
-    weights: torch.Tensor | None = None  # (B, T, K) weight of each iteration's state in the output; sums to 1
-    stability: torch.Tensor | None = None  # (B, T) squared size of the last update relative to the input latent
-    sparsity: torch.Tensor | None = None  # (B, T) Hoyer-square of the output divided by C, in [1/C, 1]
-    convergence: torch.Tensor | None = None  # (B, T) |last update| / |first update|
-    halting_probs: torch.Tensor | None = None  # (B, T, K) p^n of every iteration (adaptive mode; 0 once halted)
-    states: torch.Tensor | None = None  # (K+1, B, T, C) h^0..h^K, only with return_states
-
-
-class LatentReasoningUnit(nn.Module):
-    def __init__(self, config: LatentReasoningConfig):
-        super().__init__()
-        c = config.kv_lora_rank
-        self.iterations = config.lru_max_iterations
-        self.kernel = config.lru_conv_kernel
-        self.adaptive = config.lru_halting == "adaptive"
-        self.epsilon = config.lru_act_epsilon
-        self.global_mix = config.lru_global_halting
-        self.conv = nn.Conv1d(c, c, self.kernel, groups=c)  # depthwise: (C, 1, W) weights
-        self.gates = nn.Linear(2 * c, 2 * c)  # update z and reset r from [h ; m]
-        self.gates.update_gate_bias = config.lru_update_gate_bias  # read by _init_weights
-        self.candidate = nn.Linear(2 * c, c)  # h~ from [r * h ; m]
-        self.halt = nn.Linear(c, 1) if self.adaptive else None
-        self.halt_global = nn.Linear(c, 1) if self.global_mix > 0 else None
-
-    def empty_state(self, latent: torch.Tensor) -> LRUState:
-        b, _, c = latent.shape
-        zeros = lambda *shape: latent.new_zeros(shape)  # noqa: E731
-        if self.halt_global is None:
-            return LRUState(zeros(b, self.iterations, self.kernel - 1, c))
-        return LRUState(zeros(b, self.iterations, self.kernel - 1, c), zeros(b, self.iterations, c), zeros(b))
-
-    def _step(self, h: torch.Tensor, window: torch.Tensor, running: torch.Tensor) -> torch.Tensor:
-        """One refinement of the running positions of h (B, T, C), given its causal window (B, W-1+T, C).
-        Halted positions and pads come back unchanged and cost nothing: only running rows go through the
-        gates, so adaptive halting saves the work of the iterations it skips."""
-        # The depthwise convolution written out as a weighted sum over the W taps of each position: the
-        # same numbers as self.conv, without a oneDNN call that costs ~150 us even for one decode token.
-        taps = window.unfold(1, self.kernel, 1)  # (B, T, C, W)
-        mixed = (taps * self.conv.weight.squeeze(1)).sum(-1) + self.conv.bias  # (B, T, C)
-        if bool(running.all()):
-            return self._gru(h, mixed)
-        rows = running.nonzero(as_tuple=True)
-        return h.index_put(rows, self._gru(h[rows], mixed[rows]))
-
-    def _gru(self, h: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
-        z, r = torch.sigmoid(self.gates(torch.cat([h, mixed], dim=-1))).chunk(2, dim=-1)
-        candidate = torch.tanh(self.candidate(torch.cat([r * h, mixed], dim=-1)))
-        return (1 - z) * h + z * candidate
-
-    def _halting_probability(self, h: torch.Tensor, k: int, valid: torch.Tensor, state: LRUState,
-                             new_state: LRUState) -> torch.Tensor:
-        """p (B, T) of iteration k: local, optionally mixed with the causal per-sequence signal."""
-        p = torch.sigmoid(self.halt(h)).squeeze(-1)
-        if self.halt_global is None:
-            return p
-        sums = state.running_sum[:, k, None] + torch.cumsum(h * valid[..., None], dim=1)  # (B, T, C)
-        counts = state.count[:, None] + torch.cumsum(valid.to(h.dtype), dim=1)  # (B, T)
-        new_state.running_sum[:, k] = sums[:, -1]
-        p_global = torch.sigmoid(self.halt_global(sums / counts.clamp(min=1)[..., None])).squeeze(-1)
-        return (1 - self.global_mix) * p + self.global_mix * p_global
-
-    def forward(self, latent: torch.Tensor, valid: torch.Tensor, state: LRUState | None, return_states: bool = False,
-                diagnostics: bool = True):
-        """latent (B, T, C), valid (B, T) bool -> refined latent (B, T, C), LRUResult, new LRUState.
-        ``diagnostics=False`` skips what only the auxiliary loss and the statistics read (a rollout's decode
-        steps): the result then holds iterations and remainders only."""
-        state = state or self.empty_state(latent)
-        b, t, c = latent.shape
-        keep = valid[..., None]  # masking by torch.where, not multiplication: pad rows may hold inf/NaN
-        new_state = LRUState(torch.empty_like(state.conv),  # every slot is written below
-                             None if state.running_sum is None else torch.empty_like(state.running_sum),
-                             None if state.count is None else state.count + valid.sum(dim=1))
-        h = torch.where(keep, latent, 0.0)  # pads hold zero states, as positions before a sequence's start do
-        running = valid.clone()  # positions still iterating
-        cumulative = latent.new_zeros(b, t)
-        output = latent.new_zeros(b, t, c)
-        weights = latent.new_zeros(b, t, self.iterations)
-        iterations, remainder = latent.new_zeros(b, t), latent.new_zeros(b, t)
-        probs = latent.new_zeros(b, t, self.iterations)
-        states = [h] if return_states else None
-        first_step, last_step = latent.new_zeros(b, t), latent.new_zeros(b, t)
-        for k in range(self.iterations):
-            window = torch.cat([state.conv[:, k], h], dim=1)  # (B, W-1+T, C)
-            new_state.conv[:, k] = window[:, window.shape[1] - (self.kernel - 1):]
-            if not bool(running.any()):  # everything halted: the remaining iterations change nothing
-                if new_state.running_sum is not None:  # but the frozen states still enter the running means
-                    new_state.running_sum[:, k] = state.running_sum[:, k] + (h * valid[..., None]).sum(1)
-                if return_states:
-                    states.append(h)
-                continue
-            h_new = self._step(h, window, running)  # halted positions stay frozen
-            if diagnostics:
-                step = (h_new - h).norm(dim=-1)  # (B, T)
-                first_step = step if k == 0 else first_step
-            if self.adaptive:
-                p = self._halting_probability(h_new, k, valid, state, new_state)
-                if diagnostics:
-                    probs[..., k] = torch.where(running, p, torch.zeros_like(p))
-                halts = running & ((cumulative + p >= 1 - self.epsilon) | (k == self.iterations - 1))
-                weight = torch.where(halts, 1 - cumulative, torch.where(running, p, torch.zeros_like(p)))
-                remainder = torch.where(halts, 1 - cumulative, remainder)
-                cumulative = torch.where(running & ~halts, cumulative + p, cumulative)
-            else:
-                halts = running & (k == self.iterations - 1)
-                weight = halts.to(latent.dtype)
-                remainder = torch.where(halts, torch.ones_like(remainder), remainder)
-            output = output + weight[..., None] * h_new
-            iterations = iterations + running.to(latent.dtype)
-            if diagnostics:
-                weights[..., k] = weight
-                last_step = torch.where(halts, step, last_step)
-            running = running & ~halts
-            h = h_new
-            if return_states:
-                states.append(h)
-        if not diagnostics:
-            return output, LRUResult(iterations=iterations, remainder=remainder * valid), new_state
-        result = LRUResult(
-            iterations=iterations,
-            remainder=remainder * valid,
-            weights=weights,
-            stability=last_step.square() / (latent.square().sum(-1) + 1e-6) * valid,
-            sparsity=output.abs().sum(-1).square() / (output.square().sum(-1) * c + 1e-12) * valid,
-            convergence=last_step / (first_step + 1e-6) * valid,
-            halting_probs=probs if self.adaptive else None,
-            states=torch.stack(states) if return_states else None,
-        )
-        return output, result, new_state
-
-
-# ---- cache ----------------------------------------------------------------------------------------
-
-
-class GrowingLayer(DynamicLayer):
-    """A ``DynamicLayer`` that writes new tokens into spare capacity instead of concatenating, so a decode
-    step copies one token rather than the whole cache; the buffer doubles when full. ``keys``/``values``
-    are views of the filled prefix. Anything that replaces them (reorder, select, repeat) is noticed by
-    the buffer check in ``update`` and re-seeds the buffer, so the inherited methods stay correct."""
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        length = self.get_seq_length()
-        end = length + key_states.shape[-2]
-        buffers = getattr(self, "_buffers", None)
-        if buffers is None or end > buffers[0].shape[-2] or buffers[0].data_ptr() != self.keys.data_ptr():
-            buffers = tuple(self._grown(old, new, length, max(2 * end, 64))
-                            for old, new in ((self.keys, key_states), (self.values, value_states)))
-            self._buffers = buffers
-        buffers[0][..., length:end, :] = key_states
-        buffers[1][..., length:end, :] = value_states
-        self.keys, self.values = buffers[0][..., :end, :], buffers[1][..., :end, :]
-        return self.keys, self.values
-
-    @staticmethod
-    def _grown(old: torch.Tensor, new: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
-        buffer = new.new_empty(*new.shape[:-2], capacity, new.shape[-1])
-        if length:
-            buffer[..., :length, :] = old
-        return buffer
-
-
-class GrowingCache(DynamicCache):
-    """A ``DynamicCache`` whose full-attention layers are ``GrowingLayer``s (sliding-window layers stay)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
-        if self.layer_class_to_replicate is DynamicLayer:
-            self.layer_class_to_replicate = GrowingLayer
-
-
-class LatentCache(GrowingCache):
-    """A ``GrowingCache`` whose layers hold the MLA latent (as keys, (B, 1, S, C)) and the rotary key (as
-    values, (B, 1, S, R)), plus each LRU layer's per-sequence state."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.lru_states: dict[int, LRUState] = {}
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self.lru_states = {i: s.index_select(beam_idx) for i, s in self.lru_states.items()}
-
-    def reset(self) -> None:
-        super().reset()
-        self.lru_states = {}
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, S) position of every token of a left-padded batch from its padding mask: 0 at each row's first
+    real token (and on the pads before it), as ``generate()`` numbers them."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 # ---- attention --------------------------------------------------------------------------------------
@@ -321,7 +102,7 @@ class MLAttention(nn.Module):
         q_rope, k_rope = apply_rotary_pos_emb(q_rope, k_rope.view(b, 1, t, self.rope), cos, sin)
         latent = latent.view(b, 1, t, self.latent_dim)  # single-head 4-D: what every cache layer stores
         if past_key_values is not None:
-            latent, k_rope = past_key_values.update(latent, k_rope, self.layer_idx)  # (B,1,S,C), (B,1,S,R)
+            latent, k_rope = past_key_values.update_latent(latent, k_rope, self.layer_idx)  # (B,1,S,C), (B,1,S,R)
         if self.config.mla_absorb and past_key_values is not None and t == 1:
             out = self._absorbed(q_nope, q_rope, latent, k_rope, attention_mask)
         else:
@@ -395,7 +176,7 @@ class LatentReasoningOutput(CausalLMOutputWithPast):
     """``CausalLMOutputWithPast`` plus the LRU's auxiliary loss, its terms and its statistics.
 
     aux_loss: weighted sum of the terms (already included in ``loss`` when labels are given).
-    aux_terms: {"stability", "sparsity", "ponder"}: means over valid positions and LRU layers.
+    aux_terms: {"last_update", "sparsity", "ponder"}: means over valid positions and LRU layers.
     lru_stats: {"iterations_mean", "iterations_max", "ponder", "convergence", "halting_distribution" (K,)}.
     lru_iterations: (L_lru, B, T) iterations run at every position of every LRU layer (0 at pads).
     lru_results, valid: each LRU layer's per-position report and the (B, T) mask of real tokens, for a
@@ -488,29 +269,6 @@ class LatentReasoningModel(LatentReasoningPreTrainedModel):
         return attention_mask[:, -t:].bool()
 
 
-def lru_summary(results: list[LRUResult], valid: torch.Tensor, config: LatentReasoningConfig):
-    """Aux terms, aux loss and statistics over LRU layers and valid positions.
-
-    ``valid`` is the (B, T) mask of real tokens, or float weights per position: a trainer that runs a shared
-    prompt once for n samples weighs its positions by n, so the means equal those of the n full forwards."""
-    weight = valid.to(results[0].iterations.dtype)
-    n = weight.sum().clamp(min=1e-12)
-    mean = lambda per_position: torch.stack([(r * weight).sum() / n for r in per_position]).mean()  # noqa: E731
-    ponder = mean([r.iterations + r.remainder for r in results])
-    terms = {"stability": mean([r.stability for r in results]), "sparsity": mean([r.sparsity for r in results]),
-             "ponder": ponder}
-    aux = (config.lru_stability_weight * terms["stability"] + config.lru_sparsity_weight * terms["sparsity"]
-           + (config.lru_ponder_weight * ponder if config.lru_halting == "adaptive" else 0.0))
-    iterations = torch.stack([r.iterations for r in results])  # (L, B, T)
-    counts = F.one_hot(iterations.long().clamp(min=1) - 1, config.lru_max_iterations).to(weight.dtype)  # (L,B,T,K)
-    distribution = (counts * weight[None, ..., None]).sum(dim=(0, 1, 2)) / (n * len(results))
-    stats = {"iterations_mean": mean([r.iterations for r in results]).detach(),
-             "iterations_max": iterations.max().detach(), "ponder": ponder.detach(),
-             "convergence": mean([r.convergence for r in results]).detach(),
-             "halting_distribution": distribution.detach()}
-    return aux, {k: v.detach() for k, v in terms.items()}, stats, iterations
-
-
 class LatentReasoningForCausalLM(LatentReasoningPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -549,11 +307,5 @@ class LatentReasoningForCausalLM(LatentReasoningPreTrainedModel, GenerationMixin
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
 
-def cache_bytes_per_token(config: LatentReasoningConfig, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes the KV cache holds per token, all layers: (C + R) numbers per layer."""
-    return config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * dtype.itemsize
-
-
-__all__ = ["GrowingCache", "GrowingLayer", "LatentCache", "LatentReasoningForCausalLM", "LatentReasoningModel",
-           "LatentReasoningModelOutput", "LatentReasoningOutput", "lru_summary", "LatentReasoningUnit", "LRUResult",
-           "LRUState", "cache_bytes_per_token"]
+__all__ = ["LatentReasoningForCausalLM", "LatentReasoningModel", "LatentReasoningModelOutput", "LatentReasoningOutput",
+           "LatentReasoningPreTrainedModel", "position_ids_from_mask"]

@@ -1,21 +1,16 @@
-"""Closed-form parameter counts, a parameter-matched baseline, and a table.
+"""Closed-form parameter counts and cache sizes of every group's model, and a parameter-matched baseline.
 
-    python -m models.param_count            # the four tiny groups and a Qwen2.5-0.5B-shaped comparison
-
-The formulas are tested equal to ``sum(p.numel())`` of the instantiated models. Tied embeddings count
-once; Qwen2's q/k/v projections carry biases (o_proj does not). Qwen2.5-0.5B is 494,032,768.
+The table of the presets is ``python -m models.presets``. The formulas are tested equal to ``sum(p.numel())``
+of the instantiated models. Tied embeddings count once; Qwen2's q/k/v projections carry biases (o_proj does
+not). Qwen2.5-0.5B is 494,032,768.
 """
 
 from __future__ import annotations
 
-import argparse
-
+import torch
 from transformers import PretrainedConfig, Qwen2Config
 
 from models.configuration import LatentReasoningConfig
-
-QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                  num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
 
 
 def _embeddings(cfg: PretrainedConfig) -> int:
@@ -84,39 +79,14 @@ def matched_baseline(target: PretrainedConfig, base: Qwen2Config, **overrides) -
 def table(rows: list[tuple[str, PretrainedConfig]]) -> str:
     lines = [f"{'model':<34}{'parameters':>16}{'cache bytes/token (fp16)':>28}"]
     for name, cfg in rows:
-        lines.append(f"{name:<34}{count_params(cfg):>16,}{_cache_bytes(cfg, 2):>28,}")
+        lines.append(f"{name:<34}{count_params(cfg):>16,}{cache_bytes_per_token(cfg, torch.float16):>28,}")
     return "\n".join(lines)
 
 
-def _cache_bytes(cfg: PretrainedConfig, itemsize: int) -> int:
+def cache_bytes_per_token(cfg: PretrainedConfig, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes the KV cache holds per token, all layers: (C + R) numbers per layer for MLA (the latent and the
+    rotary key), 2 x KV heads x head size for GQA."""
     if isinstance(cfg, LatentReasoningConfig):
-        return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * itemsize
+        return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dtype.itemsize
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * hd * itemsize
-
-
-def qwen25_05b_shaped(group: str) -> PretrainedConfig:
-    """A Qwen2.5-0.5B-sized model of a group (MLA groups: its widths with a 256-wide latent)."""
-    from models.presets import GROUPS
-
-    if group == "baseline":
-        return Qwen2Config(**QWEN25_05B)
-    if group not in GROUPS:
-        raise ValueError(f"group={group!r}: valid groups are {list(GROUPS)}")
-    lru = {"mla_only": dict(use_lru=False), "mla_lru_fixed": dict(lru_halting="fixed"),
-           "mla_lru_adaptive": dict(lru_halting="adaptive")}[group]
-    return LatentReasoningConfig(**QWEN25_05B, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
-                                 v_head_dim=64, **lru)
-
-
-def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
-    from models.presets import GROUPS, tiny_config
-
-    rows = [(f"tiny {g}", tiny_config(g)) for g in GROUPS]
-    rows += [(f"0.5B-shaped {g}", qwen25_05b_shaped(g)) for g in GROUPS]
-    print(table(rows))
-
-
-if __name__ == "__main__":
-    main()
+    return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * hd * dtype.itemsize

@@ -82,9 +82,10 @@ class TrainerWorker:
         self._rebuild()
         return losses
 
-    def evaluate(self, rollout: RolloutBatch) -> None:
+    def logprobs_and_values(self, rollout: RolloutBatch) -> None:
+        """Old / reference logprobs and values of a rollout, kept for ``update`` (they need no scores)."""
         self.policy.eval()
-        self.pending = self.trainer.evaluate(_to(rollout, self.device))
+        self.pending = self.trainer.logprobs_and_values(_to(rollout, self.device))
         self.pending_index = rollout.prompt_index.to(self.device)
 
     def update(self, scores: list[float], seed: int) -> dict[str, float]:

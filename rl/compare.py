@@ -25,6 +25,7 @@ from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.proportion import proportion_confint
 
 from rl.plot import plot_runs
+from rl.report import fmt
 from rl.tracking import read_metrics
 
 
@@ -101,13 +102,12 @@ def _wall_seconds(run_dir: Path) -> float | None:
 
 def markdown(result: dict) -> str:
     ref = result["reference"]
-    num = lambda x, f="{:.3f}": "n/a" if x is None else f.format(x)  # noqa: E731
     lines = ["# Comparison", "", "| run | parameters | PPO steps | LRU iterations | tokens/s | PPO wall (s) |",
              "|---|---|---|---|---|---|"]
     for name, r in result["runs"].items():
-        lines.append(f"| {name} | {num(r['parameters'], '{:,}')} | {num(r['steps'], '{}')} | "
-                     f"{num(r['lru_iterations_mean'], '{:.2f}')} | {num(r['tokens_per_s'], '{:.0f}')} | "
-                     f"{num(r['wall_s'], '{:.0f}')} |")
+        lines.append(f"| {name} | {fmt(r['parameters'], ',')} | {fmt(r['steps'], '')} | "
+                     f"{fmt(r['lru_iterations_mean'], '.2f')} | {fmt(r['tokens_per_s'], '.0f')} | "
+                     f"{fmt(r['wall_s'], '.0f')} |")
     lines += ["", f"Greedy held-out accuracy. p-values: exact McNemar on the same problems, Holm-adjusted over "
               f"the table; 'PPO vs warm start' is within a run, 'vs {ref}' compares final models.", "",
               f"| run | split | n | after warm start | after PPO (95% CI) | p PPO vs warm start | p vs {ref} |",
@@ -116,7 +116,7 @@ def markdown(result: dict) -> str:
         low, high = r["ci_after"]
         lines.append(f"| {r['run']} | {r['split']} | {r['problems']} | {r['acc_before']:.3f} | "
                      f"{r['acc_after']:.3f} ({low:.3f}–{high:.3f}) | {r['p_ppo_vs_warm_start_holm']:.3g} | "
-                     f"{num(r.get(f'p_vs_{ref}_holm'), '{:.3g}')} |")
+                     f"{fmt(r.get(f'p_vs_{ref}_holm'), '.3g')} |")
     sampled = [r for r in result["rows"] if "sampled_after" in r]
     if sampled:
         lines += ["", "One sample per problem at the rollout temperature (the distribution PPO trains), same seeds "

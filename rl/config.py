@@ -16,9 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from models.presets import GROUPS
 from rl.core import AGG_MODES, KL_ESTIMATORS
-
-GROUPS = ("baseline", "mla_only", "mla_lru_fixed", "mla_lru_adaptive")
 
 
 def _require(ok: bool, name: str, value, fix: str) -> None:

@@ -15,13 +15,11 @@ finishes the current step, saves, and exits.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import signal
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +34,10 @@ from data.tokenizer import build_tokenizer
 from rl import checkpoint
 from rl.actors import SCORER_CPUS, TRAINER_CPUS, WORKER_CPUS, RewardScorerPool, RolloutWorker, TrainerWorker
 from rl.config import ExperimentConfig, load_config
+from rl.heldout import evaluate_split, heldout_params, split_metrics, split_record
 from rl.prompts import PromptSource, encode_prompt
 from rl.report import write_report
-from rl.rollout import SamplingParams, concat_rollouts
+from rl.rollout import SamplingParams, concat_rollouts, step_seed
 from rl.tracking import MetricsLogger, run_info
 from rl.trainer import PPOSettings
 
@@ -63,10 +62,6 @@ def build_model_and_tokenizer(cfg: ExperimentConfig):
     return AutoModelForCausalLM.from_config(config), tokenizer
 
 
-def step_seed(seed: int, step: int, salt: str = "") -> int:
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{step}:{salt}".encode(), digest_size=4).digest(), "little")
-
-
 class Run:
     """The actors and state of one training run."""
 
@@ -86,12 +81,7 @@ class Run:
         weights, config, pad = model.state_dict(), model.config, self.tokenizer.pad_token_id
         self._check_resources(device)
         gpu = {"num_gpus": 1} if device == "cuda" else {}
-        settings = PPOSettings(**vars(cfg.algorithm), lr=cfg.trainer.lr, critic_lr=cfg.trainer.critic_lr,
-                               weight_decay=cfg.trainer.weight_decay, warmup_steps=cfg.trainer.warmup_steps,
-                               epochs=cfg.trainer.epochs, minibatch_size=cfg.trainer.minibatch_size,
-                               micro_batch_size=cfg.trainer.micro_batch_size, max_grad_norm=cfg.trainer.max_grad_norm,
-                               temperature=cfg.rollout.temperature, max_bad_steps=cfg.trainer.max_bad_steps,
-                               share_prompt=cfg.trainer.share_prompt)
+        settings = PPOSettings.from_config(cfg)
         self.trainer = TrainerWorker.options(num_cpus=TRAINER_CPUS, **gpu).remote(
             config, weights, settings, cfg.algorithm.advantage == "gae", device, cfg.trainer.seed)
         self.workers = [RolloutWorker.options(num_cpus=WORKER_CPUS, **gpu).remote(config, weights, pad, device)
@@ -158,11 +148,11 @@ class Run:
         times["time/rollout"] = time.perf_counter() - start
         t = time.perf_counter()
         texts = self.decode(batch)
-        index = batch.prompt_index.tolist()
-        pick = lambda key: [rows[i][key] for i in index]  # noqa: E731
-        score_refs = self.scorers.submit(pick("data_source"), texts, [r["ground_truth"] for r in pick("reward_model")],
-                                         pick("extra_info"))
-        evaluated = self.trainer.evaluate.remote(batch)  # old / reference logprobs and values, meanwhile
+        answered = [rows[i] for i in batch.prompt_index.tolist()]  # the row each response answers
+        score_refs = self.scorers.submit([r["data_source"] for r in answered], texts,
+                                         [r["reward_model"]["ground_truth"] for r in answered],
+                                         [r["extra_info"] for r in answered])
+        evaluated = self.trainer.logprobs_and_values.remote(batch)  # meanwhile
         scored = self.scorers.collect(score_refs)
         ray.get(evaluated)
         times["time/score"] = time.perf_counter() - t
@@ -183,38 +173,23 @@ class Run:
                 "time/step": time.perf_counter() - start,
                 "throughput/tokens_per_s": tokens / (time.perf_counter() - start)}
 
-    def _held_out_accuracy(self, rows: list[dict], params: SamplingParams, seeds: list[int]):
-        batch = self.rollout([encode_prompt(self.tokenizer, r, self.cfg.data.template) for r in rows], params, seeds)
-        scored = self.scorers.collect(self.scorers.submit(
-            [r["data_source"] for r in rows], self.decode(batch),
-            [r["reward_model"]["ground_truth"] for r in rows], [r["extra_info"] for r in rows]))
-        return np.asarray(scored.accuracy()), scored.scores
+    def score(self, rows: list[dict], texts: list[str]):
+        """Scores of responses to ``rows`` (one row per response), from the reward pool."""
+        return self.scorers.collect(self.scorers.submit(
+            [r["data_source"] for r in rows], texts, [r["reward_model"]["ground_truth"] for r in rows],
+            [r["extra_info"] for r in rows]))
 
-    def evaluate(self, step: int) -> dict:
-        """Accuracy on every held-out set: greedy (overall and by level) and one sample per problem at the
-        rollout temperature, the distribution PPO trains (seeded per problem, the same at every evaluation,
-        so before/after differences are paired). Each problem's results go to evals/step_N.json for the
-        paired tests of rl.compare."""
-        greedy = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.rollout.max_new_tokens,
-                                stop_token_ids=(self.tokenizer.eos_token_id,))
-        sampled = SamplingParams(temperature=self.cfg.rollout.temperature, top_k=self.cfg.rollout.top_k,
-                                 top_p=self.cfg.rollout.top_p, max_new_tokens=self.cfg.rollout.max_new_tokens,
-                                 stop_token_ids=(self.tokenizer.eos_token_id,))
+    def evaluate_heldout(self, step: int) -> dict:
+        """Greedy and sampled accuracy on every held-out split (``rl.heldout``, as ``python -m rl.evaluate``
+        computes it). Each problem's results go to evals/step_N.json for the paired tests of rl.compare."""
+        params = heldout_params(self.cfg.rollout, self.tokenizer.eos_token_id)
         out, records = {}, {}
         for name, rows in self.data.eval_sets.items():
-            acc, scores = self._held_out_accuracy(rows, greedy, [0] * len(rows))
-            acc_sampled, _ = self._held_out_accuracy(
-                rows, sampled, [step_seed(self.cfg.trainer.seed, 0, f"eval/{name}/{i}") for i in range(len(rows))])
-            out[f"eval/{name}/acc"] = float(acc.mean())
-            out[f"eval/{name}/acc_sampled"] = float(acc_sampled.mean())
-            out[f"eval/{name}/score"] = float(np.mean(scores))
-            by_level = defaultdict(list)
-            for row, a in zip(rows, acc, strict=True):
-                by_level[row["extra_info"].get("level", 0)].append(a)
-            out.update({f"eval/{name}/acc_level{lv}": float(np.mean(v)) for lv, v in sorted(by_level.items())})
-            records[name] = {"acc": acc.tolist(), "acc_sampled": acc_sampled.tolist(),
-                             **{k: [r["extra_info"].get(k) for r in rows] for k in ("index", "level", "num_vars",
-                                                                                    "num_steps")}}
+            prompts = [encode_prompt(self.tokenizer, r, self.cfg.data.template) for r in rows]
+            result = evaluate_split(name, rows, prompts, self.rollout, self.score, self.decode, params,
+                                    self.cfg.trainer.seed)
+            out.update(split_metrics(name, rows, result))
+            records[name] = split_record(rows, result)
         path = self.dir / "evals" / f"step_{step:06d}.json"
         path.parent.mkdir(exist_ok=True)
         path.with_suffix(".tmp").write_text(json.dumps(records))
@@ -245,7 +220,7 @@ class Run:
         weights = self.trainer.weights.remote()
         ray.get([w.load_weights.remote(weights) for w in self.workers])
         self.logger.log(0, {"sft/loss_first": losses[0], "sft/loss_last": float(np.mean(losses[-10:])),
-                            **self.evaluate(0)})
+                            **self.evaluate_heldout(0)})
 
     # ---- the loop ------------------------------------------------------------------------------------
 
@@ -254,7 +229,7 @@ class Run:
         if start == 0 and self.cfg.trainer.sft_steps:
             self.warm_start()  # logs the held-out evaluation of the warm-started model as step 0
         elif start == 0:
-            self.logger.log(0, self.evaluate(0))  # the "before PPO" point of the report
+            self.logger.log(0, self.evaluate_heldout(0))  # the "before PPO" point of the report
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         steps = self.cfg.trainer.steps
         try:
@@ -264,7 +239,7 @@ class Run:
                     metrics = self.step(step)
                     last = step == steps or self.stop_requested
                     if step % self.cfg.trainer.eval_every == 0 or last:
-                        metrics.update(self.evaluate(step))
+                        metrics.update(self.evaluate_heldout(step))
                     self.logger.log(step, metrics)
                     bar.set_postfix(self._headline(metrics))
                     if step % self.cfg.trainer.save_every == 0 or last:

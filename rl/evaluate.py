@@ -5,12 +5,13 @@
     python -m rl.evaluate path/to/hf_model --data test.parquet heldout_more_steps.parquet
 
 Problems come from verl-schema parquet files (``--data``), or else from the run's ``config.yaml``: the
-same held-out splits, seeded the same way, that training evaluated on. Accuracy is broken down by
-level, number of variables and number of steps. pass@k is the unbiased estimator of Chen et al.
-(2021) over ``--samples`` samples per problem (default k). For models with a Latent Reasoning Unit the
-iterations it ran are averaged over each greedy response's tokens (a teacher-forced forward of prompt
-+ response) and related to difficulty with Spearman's rank correlation against the number of steps.
-No Ray: one process, the ``torch`` rollout engine.
+same held-out splits, seeded the same way, that training evaluated on. Greedy and sampled accuracy are
+``rl.heldout``'s, with the run's sampling settings and seed, so they reproduce what the run logged.
+Accuracy is broken down by level, number of variables and number of steps. pass@k is the unbiased
+estimator of Chen et al. (2021) over ``--samples`` more samples per problem (default k). For models with
+a Latent Reasoning Unit the iterations it ran are averaged over each greedy response's tokens (a
+teacher-forced forward of prompt + response) and related to difficulty with Spearman's rank correlation
+against the number of steps. No Ray: one process, the ``torch`` rollout engine.
 """
 
 from __future__ import annotations
@@ -19,21 +20,24 @@ import argparse
 import json
 import sys
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-import yaml
 from scipy.special import comb
 from scipy.stats import spearmanr
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from models import position_ids_from_mask
 from rl import checkpoint
-from rl.config import load_config
+from rl.config import DataConfig, RewardConfig, RolloutConfig, load_config
+from rl.heldout import evaluate_split, heldout_params, sample_seeds
 from rl.prompts import PromptSource, encode_prompt
+from rl.report import fmt
 from rl.reward_scorer import RewardRunner
-from rl.rollout import RolloutBatch, SamplingParams, TorchRolloutEngine
+from rl.rollout import RolloutBatch, TorchRolloutEngine
 
 DIFFICULTY = ("level", "num_vars", "num_steps")
 VERL_COLUMNS = ("data_source", "prompt", "reward_model", "extra_info")
@@ -91,7 +95,7 @@ def response_iterations(model, batch: RolloutBatch) -> np.ndarray | None:
     """Mean LRU iterations over each response's tokens (averaged over LRU layers); None without an LRU."""
     ids = torch.cat([batch.prompt_ids, batch.response_ids], 1)
     mask = torch.cat([batch.prompt_mask, batch.response_mask.long()], 1)
-    out = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
+    out = model(ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
     iterations = getattr(out, "lru_iterations", None)
     if iterations is None:
         return None
@@ -111,51 +115,56 @@ def _breakdown(rows: list[dict], values: np.ndarray) -> dict[str, dict[str, floa
     return out
 
 
-def evaluate_set(model, tokenizer, scorer: RewardRunner, rows: list[dict], template: str, k: int, samples: int,
-                 temperature: float, max_new_tokens: int, seed: int) -> dict:
+def evaluate_set(model, tokenizer, scorer: RewardRunner, name: str, rows: list[dict], template: str, k: int,
+                 samples: int, rollout: RolloutConfig, seed: int) -> dict:
+    """One split: ``rl.heldout``'s greedy and sampled accuracy (the numbers a run logs for the same seed),
+    pass@k over ``samples`` more samples per problem, and breakdowns by difficulty."""
     engine = TorchRolloutEngine(model, pad_token_id=tokenizer.pad_token_id)
     prompts = [encode_prompt(tokenizer, r, template) for r in rows]
-    stop = (tokenizer.eos_token_id,)
 
-    def run(params: SamplingParams):
-        batch = engine.generate(prompts, params, [seed + i for i in range(len(rows))])
-        texts = [tokenizer.decode(i[m.bool()], skip_special_tokens=True)
-                 for i, m in zip(batch.response_ids, batch.response_mask, strict=True)]
-        picked = [rows[i] for i in batch.prompt_index.tolist()]
-        scored = scorer.score([r["data_source"] for r in picked], texts,
-                              [r["reward_model"]["ground_truth"] for r in picked], [r["extra_info"] for r in picked])
-        acc = np.asarray(scored.accuracy())
-        return batch, acc, np.asarray(scored.scores), texts
+    def decode(batch: RolloutBatch) -> list[str]:
+        return [tokenizer.decode(i[m.bool()], skip_special_tokens=True)
+                for i, m in zip(batch.response_ids, batch.response_mask, strict=True)]
 
-    greedy_params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=stop)
-    greedy, acc, scores, texts = run(greedy_params)
-    result = {"problems": len(rows), "greedy_acc": float(acc.mean()), "greedy_score": float(scores.mean()),
-              "greedy_acc_by": _breakdown(rows, acc),
-              "response_length_mean": float(greedy.response_lengths.float().mean()), "greedy_responses": texts}
+    def score(answered: list[dict], texts: list[str]):
+        return scorer.score([r["data_source"] for r in answered], texts,
+                            [r["reward_model"]["ground_truth"] for r in answered], [r["extra_info"] for r in answered])
+
+    params = heldout_params(rollout, tokenizer.eos_token_id)
+    split = evaluate_split(name, rows, prompts, engine.generate, score, decode, params, seed)
+    result = {"problems": len(rows), "greedy_acc": float(split.acc.mean()), "greedy_score": float(split.scores.mean()),
+              "greedy_acc_by": _breakdown(rows, split.acc), "sampled_acc": float(split.acc_sampled.mean()),
+              "response_length_mean": float(split.greedy.response_lengths.float().mean()),
+              "greedy_responses": split.texts}
     if samples:
-        _, sampled, _, _ = run(SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, n=samples,
-                                           stop_token_ids=stop))
-        correct = sampled.reshape(len(rows), samples).sum(1).astype(int)
-        passes = np.array([pass_at_k(samples, int(c), k) for c in correct])
-        result.update({"sampled_acc": float(sampled.mean()), f"pass@{k}": float(passes.mean()),
+        batch = engine.generate(prompts, replace(params[1], n=samples), sample_seeds(seed, name, len(rows)))
+        correct = np.asarray(score([rows[i] for i in batch.prompt_index.tolist()], decode(batch)).accuracy())
+        counts = correct.reshape(len(rows), samples).sum(1).astype(int)
+        passes = np.array([pass_at_k(samples, int(c), k) for c in counts])
+        result.update({"sampled_acc_mean": float(correct.mean()), f"pass@{k}": float(passes.mean()),
                        f"pass@{k}_by": _breakdown(rows, passes)})
-    iterations = response_iterations(model, greedy)
-    if iterations is not None:
-        result["lru_iterations_mean"] = float(iterations.mean())
-        result["lru_iterations_by"] = _breakdown(rows, iterations)
-        steps = [r.get("extra_info", {}).get("num_steps") for r in rows]
-        if None not in steps and len(set(steps)) > 1 and np.ptp(iterations) > 0:
-            rho, p = spearmanr(steps, iterations)
-            result["lru_iterations_vs_steps"] = {"spearman_rho": float(rho), "p_value": float(p)}
+    result.update(_iterations(model, split.greedy, rows))
     return result
+
+
+def _iterations(model, greedy: RolloutBatch, rows: list[dict]) -> dict:
+    """LRU iterations per greedy response token, by difficulty, and their rank correlation with steps."""
+    iterations = response_iterations(model, greedy)
+    if iterations is None:
+        return {}
+    out = {"lru_iterations_mean": float(iterations.mean()), "lru_iterations_by": _breakdown(rows, iterations)}
+    steps = [r.get("extra_info", {}).get("num_steps") for r in rows]
+    if None not in steps and len(set(steps)) > 1 and np.ptp(iterations) > 0:
+        rho, p = spearmanr(steps, iterations)
+        out["lru_iterations_vs_steps"] = {"spearman_rho": float(rho), "p_value": float(p)}
+    return out
 
 
 def markdown(results: dict[str, dict], k: int) -> str:
     lines = [f"| set | problems | greedy acc | sampled acc | pass@{k} | LRU iterations |", "|---|---|---|---|---|---|"]
-    num = lambda r, key: f"{r[key]:.3f}" if key in r else "n/a"  # noqa: E731
     for name, r in results.items():
-        lines.append(f"| {name} | {r['problems']} | {num(r, 'greedy_acc')} | {num(r, 'sampled_acc')} | "
-                     f"{num(r, f'pass@{k}')} | {num(r, 'lru_iterations_mean')} |")
+        lines.append(f"| {name} | {r['problems']} | {fmt(r.get('greedy_acc'))} | {fmt(r.get('sampled_acc'))} | "
+                     f"{fmt(r.get(f'pass@{k}'))} | {fmt(r.get('lru_iterations_mean'))} |")
     for name, r in results.items():
         for key in DIFFICULTY:
             accs, its = r["greedy_acc_by"].get(key, {}), r.get("lru_iterations_by", {}).get(key, {})
@@ -172,11 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, help="at most this many problems per set")
     parser.add_argument("--k", type=int, default=4, help="pass@k (default 4)")
     parser.add_argument("--samples", type=int, help="samples per problem for pass@k (default k; 0 = greedy only)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for pass@k")
+    parser.add_argument("--temperature", type=float, help="sampling temperature (default: the run's, else 1)")
     parser.add_argument("--max-new-tokens", type=int, help="default: the run's rollout.max_new_tokens, else 64")
     parser.add_argument("--template", choices=("chat", "base"), help="prompt template (default: the run's, else chat)")
     parser.add_argument("--reward", default=None, help="reward function module:fn (default: the run's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="sampling seed (default: the run's trainer.seed, else 0)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     samples = args.k if args.samples is None else args.samples
@@ -187,16 +196,18 @@ def main(argv: list[str] | None = None) -> int:
         sets = load_problem_sets(args.data, run_dir, args.size)
     except ValueError as e:
         parser.error(str(e))
-    run_cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if run_dir and (run_dir / "config.yaml").is_file() \
-        else {}
-    reward = args.reward or run_cfg.get("reward", {}).get("function", "rewards.causal_loop:compute_score")
-    max_new = args.max_new_tokens or run_cfg.get("rollout", {}).get("max_new_tokens", 64)
-    template = args.template or run_cfg.get("data", {}).get("template", "chat")
+    cfg = load_config(run_dir / "config.yaml", []) if run_dir and (run_dir / "config.yaml").is_file() else None
+    rollout = replace(cfg.rollout if cfg else RolloutConfig(max_new_tokens=64),
+                      **{k: v for k, v in (("temperature", args.temperature), ("max_new_tokens", args.max_new_tokens))
+                         if v is not None})
+    reward = args.reward or (cfg.reward.function if cfg else RewardConfig.function)
+    template = args.template or (cfg.data.template if cfg else DataConfig.template)
+    seed = args.seed if args.seed is not None else (cfg.trainer.seed if cfg else 0)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    scorer = RewardRunner(reward, run_cfg.get("reward", {}).get("kwargs", {}))
-    results = {name: evaluate_set(model, tokenizer, scorer, rows, template, args.k, samples, args.temperature, max_new,
-                                  args.seed) for name, rows in sets.items()}
+    scorer = RewardRunner(reward, cfg.reward.kwargs if cfg else {})
+    results = {name: evaluate_set(model, tokenizer, scorer, name, rows, template, args.k, samples, rollout, seed)
+               for name, rows in sets.items()}
     print(f"model: {model_dir}\n\n{markdown(results, args.k)}")
     if args.out:
         Path(args.out).write_text(json.dumps({"model": str(model_dir), "k": args.k, "samples": samples,

@@ -16,15 +16,27 @@ from rl.tracking import read_metrics
 PHASES = ("time/rollout", "time/score", "time/train", "time/sync")
 
 
+def fmt(x, spec: str = ".3f") -> str:
+    """A number for a report table: formatted with ``spec``, or "n/a" when there is none."""
+    return "n/a" if x is None else format(x, spec)
+
+
+def _heldout(row: dict) -> dict:
+    return {k[len("eval/"):]: v for k, v in row.items() if k.startswith("eval/")}
+
+
 def summarize(rows: list[dict]) -> dict:
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
     steps = [r for r in rows if "reward/mean" in r]
-    pick = lambda row: {k[len("eval/"):]: v for k, v in row.items() if k.startswith("eval/")}  # noqa: E731
-    average = lambda key: mean(r[key] for r in steps if r.get(key) is not None) if steps else None  # noqa: E731
+
+    def average(key: str) -> float | None:
+        values = [r[key] for r in steps if r.get(key) is not None]
+        return mean(values) if values else None
+
     return {
         "steps": steps[-1]["step"] if steps else 0,
-        "heldout_before_ppo": pick(evals[0]) if evals else {},
-        "heldout_after_ppo": pick(evals[-1]) if evals else {},
+        "heldout_before_ppo": _heldout(evals[0]) if evals else {},
+        "heldout_after_ppo": _heldout(evals[-1]) if evals else {},
         "reward_first": steps[0]["reward/mean"] if steps else None,
         "reward_last": steps[-1]["reward/mean"] if steps else None,
         "lru_iterations_mean": average("train/lru_iterations") if any("train/lru_iterations" in r for r in steps)
@@ -44,10 +56,9 @@ def write_report(run_dir: Path) -> dict:
              "| held-out metric | after warm start | after PPO |", "|---|---|---|"]
     lines += [f"| {k} | {before.get(k, float('nan')):.3f} | {after[k]:.3f} |" for k in sorted(after)]
     phases = ", ".join(f"{k} {v:.2f} s" for k, v in summary["seconds_per_phase"].items() if v is not None)
-    num = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
-    lines += ["", f"Mean reward: first step {num(summary['reward_first'])}, last step {num(summary['reward_last'])}.",
-              f"LRU iterations (mean): {num(summary['lru_iterations_mean'])}.",
-              f"Throughput: {num(summary['tokens_per_s'])} tokens/s; time per step by phase: {phases}.", "",
+    lines += ["", f"Mean reward: first step {fmt(summary['reward_first'])}, last step {fmt(summary['reward_last'])}.",
+              f"LRU iterations (mean): {fmt(summary['lru_iterations_mean'])}.",
+              f"Throughput: {fmt(summary['tokens_per_s'])} tokens/s; time per step by phase: {phases}.", "",
               "Curves: " + ", ".join(f"[{Path(p).stem}](curves/{Path(p).name})" for p in summary["curves"])]
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
     return summary

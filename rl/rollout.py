@@ -25,7 +25,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from models import GrowingCache, LatentCache, LatentReasoningForCausalLM
+from models import GrowingCache, LatentCache, LatentReasoningForCausalLM, position_ids_from_mask
 from rl.core import logprobs_from_logits
 
 
@@ -79,6 +79,12 @@ def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tenso
         ids[row, width - len(seq):] = torch.tensor(seq)
         mask[row, width - len(seq):] = 1
     return ids, mask
+
+
+def step_seed(seed: int, step: int, salt: str = "") -> int:
+    """A 32-bit seed for one purpose ("salt") at one step of a run seeded ``seed``: prompts' sampling seeds,
+    the update's shuffling, held-out samples."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{step}:{salt}".encode(), digest_size=4).digest(), "little")
 
 
 def _generator(seed: int, sample: int) -> torch.Generator:
@@ -136,7 +142,7 @@ class TorchRolloutEngine:
         # not make every finished row pay for their tail (what generate() does).
         live = torch.arange(rows, device=device)
         sequence, attention = ids, mask
-        position = (mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]
+        position = position_ids_from_mask(mask)[:, -1:]
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         tokens = torch.full((rows, params.max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
         logprobs = torch.zeros(rows, params.max_new_tokens, device=device)
@@ -178,7 +184,7 @@ class TorchRolloutEngine:
         """Run each distinct prompt once, then copy its cache rows and last logits to its n samples (rows
         ``index``): the n samples of a prompt share its prefill, which costs n times less than running
         every row (what ``generate(num_return_sequences=n)`` does)."""
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = position_ids_from_mask(mask)
         out = self.model(ids, attention_mask=mask, position_ids=positions, past_key_values=self._new_cache(),
                          use_cache=True, logits_to_keep=1, **fast)
         if index.shape[0] != ids.shape[0]:  # n > 1
@@ -199,7 +205,7 @@ def sequence_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature: 
     -> (B*n, R), 0 on padding. Equal to the rollout's logprobs for the same weights."""
     ids = torch.cat([batch.prompt_ids, batch.response_ids], dim=1)
     mask = torch.cat([batch.prompt_mask, batch.response_mask], dim=1)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids_from_mask(mask)
     logits = model(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
     prompt_len, resp_len = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
     logits = logits[:, prompt_len - 1: prompt_len - 1 + resp_len].float()  # the logits that predicted them

@@ -1,13 +1,15 @@
 """Supervised warm start on worked solutions: cross-entropy on the response tokens only.
 
-A tiny model trained from scratch would see only zero rewards under PPO; a few hundred steps on the
-generator's worked solutions teach it the answer format and some of the task first.
+A tiny model trained from scratch would see only zero rewards under PPO; a warm start on the generator's
+worked solutions (``trainer.sft_steps``: 1,200 in the tiny default) teaches it the answer format and some
+of the task first.
 """
 
 from __future__ import annotations
 
 import torch
 
+from models import position_ids_from_mask
 from rl.rollout import left_pad
 
 
@@ -35,7 +37,7 @@ def warm_start_optimizer(model, lr: float, total_steps: int, warmup_steps: int =
 def sft_step(model, optimizer, prompts, responses, pad_token_id: int, max_grad_norm: float = 1.0) -> float:
     ids, mask, labels = sft_batch(prompts, responses, pad_token_id)
     device = next(model.parameters()).device
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids_from_mask(mask)
     model.train()
     out = model(ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                 labels=labels.to(device), use_cache=False)

@@ -17,15 +17,16 @@ from dataclasses import dataclass
 
 import torch
 
-from models.modeling_mla_lru import LRUResult, lru_summary
+from models import ValueHeadModel, position_ids_from_mask
+from models.lru import LRUResult, lru_summary
 
 # The per-position fields lru_summary reads.
-_SUMMARY_FIELDS = ("iterations", "remainder", "stability", "sparsity", "convergence")
+_SUMMARY_FIELDS = ("iterations", "remainder", "last_update", "sparsity", "convergence")
 
 
 @dataclass
 class ResponseOutputs:
-    outputs: torch.Tensor  # (B, R, ...): the module's outputs at the positions that predict each response token
+    outputs: torch.Tensor  # (B, R, V) logits or (B, R) values at the positions that predict each response token
     aux_loss: torch.Tensor | None = None  # the LRU auxiliary loss over every valid position of the full rows
     lru_stats: dict[str, torch.Tensor] | None = None
 
@@ -33,12 +34,12 @@ class ResponseOutputs:
 def response_outputs(module, config, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
                      prompt_index: torch.Tensor | None = None) -> ResponseOutputs:
     """Run ``module`` over rows of a left-padded prompt then a right-padded response of ``response_len`` tokens
-    and keep its outputs at the positions that predict the response tokens: the logits of a causal LM (its
-    own forward, so any head scaling or soft-capping stays), or the last hidden states of a decoder backbone
-    (for a value head). ``prompt_index`` (B,) says which rows share a prompt: each shared prompt then runs
-    once. The LRU aux loss and statistics (LRU models) weigh positions as the full forward does."""
-    field = "logits" if module.get_output_embeddings() is not None else "last_hidden_state"  # an LM, or a backbone
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    and keep its outputs at the positions that predict the response tokens: the logits of a causal LM, or the
+    values of a ``ValueHeadModel`` (either's own forward, so any head scaling or soft-capping stays).
+    ``prompt_index`` (B,) says which rows share a prompt: each shared prompt then runs once. The LRU aux loss
+    and statistics (LRU models) weigh positions as the full forward does."""
+    field = "values" if isinstance(module, ValueHeadModel) else "logits"
+    positions = position_ids_from_mask(attention_mask)
     head_only = {"logits_to_keep": response_len + 1} if field == "logits" else {}
     if prompt_index is None:
         out = module(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,

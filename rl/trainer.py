@@ -2,7 +2,7 @@
 
 One step, as in the PPO paper's algorithm box (Schulman et al. 2017, Alg. 1) with the RLHF additions:
 
-    prepare(rollout, scores):   old logprobs, reference logprobs, values;
+    prepare(rollout, scores):   old logprobs, reference logprobs, values (logprobs_and_values);
                                 token rewards (score on the last token, minus beta * KL if kl_in_reward);
                                 advantages by GAE with the critic, or group-normalised scores (GRPO)
     update(experience):         for each epoch, for each shuffled minibatch, accumulate over micro-batches
@@ -13,44 +13,52 @@ One step, as in the PPO paper's algorithm box (Schulman et al. 2017, Alg. 1) wit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from models import ValueHeadModel
 from rl import core
+from rl.config import AlgorithmConfig, ExperimentConfig, RolloutConfig, TrainerConfig
 from rl.rollout import RolloutBatch
 from rl.shared_prompt import ResponseOutputs, group_ordered_permutation, response_outputs
 
 
 @dataclass(frozen=True)
 class PPOSettings:
-    """Plain numbers of the algorithm (the config layer fills them in and validates them)."""
+    """Plain numbers of the algorithm. Defaults are the config dataclasses' (one source of defaults);
+    ``from_config`` fills them in from an ``ExperimentConfig``, which has validated them."""
 
-    lr: float = 1e-5
-    critic_lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    clip: float = 0.2
-    dual_clip: float | None = 3.0
-    value_clip: float | None = 0.2
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    kl_in_reward: bool = False
-    entropy_coef: float = 0.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    advantage: str = "gae"  # or "grpo"
-    whiten_advantages: bool = True
-    agg: str = "token-mean"
-    epochs: int = 1
-    minibatch_size: int = 8
-    micro_batch_size: int = 8
-    max_grad_norm: float = 1.0
-    temperature: float = 1.0
-    max_bad_steps: int = 3  # consecutive non-finite updates before the run stops
-    old_logprobs_from_rollout: bool = False  # reuse the rollout's logprobs instead of a trainer forward
-    share_prompt: bool = True  # run each distinct prompt once per micro-batch (rl/shared_prompt.py)
+    lr: float = TrainerConfig.lr
+    critic_lr: float = TrainerConfig.critic_lr
+    weight_decay: float = TrainerConfig.weight_decay
+    warmup_steps: int = TrainerConfig.warmup_steps
+    clip: float = AlgorithmConfig.clip
+    dual_clip: float | None = AlgorithmConfig.dual_clip
+    value_clip: float | None = AlgorithmConfig.value_clip
+    kl_coef: float = AlgorithmConfig.kl_coef
+    kl_estimator: str = AlgorithmConfig.kl_estimator
+    kl_in_reward: bool = AlgorithmConfig.kl_in_reward
+    entropy_coef: float = AlgorithmConfig.entropy_coef
+    gamma: float = AlgorithmConfig.gamma
+    lam: float = AlgorithmConfig.lam
+    advantage: str = AlgorithmConfig.advantage  # "gae" or "grpo"
+    whiten_advantages: bool = AlgorithmConfig.whiten_advantages
+    agg: str = AlgorithmConfig.agg
+    epochs: int = TrainerConfig.epochs
+    minibatch_size: int = TrainerConfig.minibatch_size
+    micro_batch_size: int = TrainerConfig.micro_batch_size
+    max_grad_norm: float = TrainerConfig.max_grad_norm
+    temperature: float = RolloutConfig.temperature
+    max_bad_steps: int = TrainerConfig.max_bad_steps  # consecutive non-finite updates before the run stops
+    old_logprobs_from_rollout: bool = AlgorithmConfig.old_logprobs_from_rollout  # skip the old-logprob forward
+    share_prompt: bool = TrainerConfig.share_prompt  # run each distinct prompt once per micro-batch
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig) -> PPOSettings:
+        """Each field from the config section that holds it (algorithm, trainer, or rollout.temperature)."""
+        sections = (vars(cfg.algorithm), vars(cfg.trainer), {"temperature": cfg.rollout.temperature})
+        return cls(**{f.name: next(s[f.name] for s in sections if f.name in s) for f in fields(cls)})
 
 
 @dataclass
@@ -85,10 +93,13 @@ class PPOTrainer:
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         self.critic_optimizer = (torch.optim.AdamW(critic.parameters(), lr=settings.critic_lr)
                                  if critic is not None else None)
-        warmup = lambda step: min(1.0, (step + 1) / settings.warmup_steps) if settings.warmup_steps else 1.0  # noqa: E731
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._warmup)
         self.bad_steps = 0
         self.skipped_steps = 0
+
+    def _warmup(self, step: int) -> float:
+        """The learning-rate factor: a linear warm-up over ``warmup_steps`` updates, then 1."""
+        return min(1.0, (step + 1) / self.s.warmup_steps) if self.s.warmup_steps else 1.0
 
     # ---- logprobs and values --------------------------------------------------------------------------
 
@@ -107,13 +118,12 @@ class PPOTrainer:
 
     def _values(self, exp: Experience) -> torch.Tensor:
         """The (B, R) values of the state before each response token."""
-        hidden = self._outputs(self.critic.backbone, self.critic.lm.config, exp).outputs
-        return self.critic.v_head(hidden).squeeze(-1)
+        return self._outputs(self.critic, self.critic.lm.config, exp).outputs
 
     # ---- prepare ---------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, rollout: RolloutBatch) -> Experience:
+    def logprobs_and_values(self, rollout: RolloutBatch) -> Experience:
         """Old and reference logprobs and values of a rollout; needs no scores, so it runs while they come."""
         mask = rollout.response_mask.float()
         exp = Experience(
@@ -153,7 +163,7 @@ class PPOTrainer:
         return exp
 
     def prepare(self, rollout: RolloutBatch, scores: torch.Tensor) -> Experience:
-        return self.add_scores(self.evaluate(rollout), scores, rollout.prompt_index)
+        return self.add_scores(self.logprobs_and_values(rollout), scores, rollout.prompt_index)
 
     # ---- update ----------------------------------------------------------------------------------------
 

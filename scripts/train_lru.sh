@@ -3,11 +3,11 @@
 #
 #   bash scripts/train_lru.sh [baseline|mla_only|mla_lru_fixed|mla_lru_adaptive|all] [section.field=value ...]
 #
-# Builds the causal-loop dataset in DATA_DIR (unless it is there) and checks the reward on it, then trains
-# the group's model with PPO (python -m rl.driver, preset rl/presets/tiny.yaml): a supervised warm start
-# on worked solutions, then PPO on the causal-loop stream. "all" trains the four groups one after another
-# with the same data, budget and seeds, then compares them (comparison.md: accuracies with intervals and
-# paired tests). Extra arguments override config fields.
+# Trains the group's model with PPO (python -m rl.driver, preset rl/presets/tiny.yaml): a supervised warm
+# start on worked solutions, then PPO on the causal-loop stream of the preset's task. With DATA_DIR set, it
+# trains and evaluates on the verl-schema parquet files there instead (generated first if missing, and the
+# reward checked on them). "all" trains the four groups one after another with the same data, budget and
+# seeds, then compares them (comparison.md). Extra arguments override config fields.
 set -euo pipefail
 
 GROUPS_VALID="baseline mla_only mla_lru_fixed mla_lru_adaptive all"
@@ -18,15 +18,17 @@ usage() {
 Environment:
   EXPERIMENT_NAME   run name (default: the group); the run directory is OUTPUT_DIR/EXPERIMENT_NAME
   OUTPUT_DIR        where runs and data go (default: outputs)
-  DATA_DIR          causal-loop parquet files to check (default: OUTPUT_DIR/data/causal_loop; generated if missing)
+  DATA_DIR          train on the parquet files here (train.parquet, test*.parquet; generated if missing)
+                    instead of the preset's stream
   BASE_MODEL        a local transformers checkpoint to start from (default: a tiny model from scratch)
   N_GPUS            GPUs to use (default: 0 = CPU)
   NNODES            nodes the Ray cluster must have (default 1); more than 1 needs RAY_ADDRESS
   RAY_ADDRESS       join this Ray cluster instead of starting a local one
   WANDB_MODE        offline (default), online or disabled
-  NUM_SAMPLES       problems in the generated training split (default: 20000)
-  SEED              dataset seed (default: 0)
-  PYTHON            python interpreter (default: .venv/bin/python, made by scripts/setup.sh)
+  NUM_SAMPLES       problems in a generated DATA_DIR training split (default: 20000)
+  SEED              seed of a generated DATA_DIR (default: 0)
+  PYTHON            python interpreter (default: .venv/bin/python, made by scripts/setup.sh, else a python3
+                    on PATH that has the project installed)
 Re-running with the same EXPERIMENT_NAME resumes the run from its last checkpoint.
 USAGE
 }
@@ -46,8 +48,13 @@ cd "$(dirname "$0")/.."
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
+if ! "$PYTHON" -c "import rl.driver" >/dev/null 2>&1; then
+  echo "error: $PYTHON cannot import the project (rl.driver): run 'bash scripts/setup.sh' to make .venv," \
+       "or set PYTHON to an interpreter that has it installed" >&2
+  exit 2
+fi
 OUTPUT_DIR="${OUTPUT_DIR:-outputs}"
-DATA_DIR="${DATA_DIR:-$OUTPUT_DIR/data/causal_loop}"
+DATA_DIR="${DATA_DIR:-}"
 NUM_SAMPLES="${NUM_SAMPLES:-20000}"
 SEED="${SEED:-0}"
 EXPERIMENT_NAME="${EXPERIMENT_NAME:-$GROUP}"
@@ -63,16 +70,19 @@ if [[ "$NNODES" != "1" && -z "${RAY_ADDRESS:-}" ]]; then
   exit 2
 fi
 
-if [[ -f "$DATA_DIR/train.parquet" && -f "$DATA_DIR/test.parquet" ]]; then
-  echo "[data] using $DATA_DIR"
-else
-  echo "[data] generating the causal-loop dataset in $DATA_DIR"
-  "$PYTHON" -m data.causal_loop --local_dir "$DATA_DIR" --num_samples "$NUM_SAMPLES" --seed "$SEED" --quiet
-fi
-echo "[reward] checking the reward on $DATA_DIR/test.parquet"
-"$PYTHON" scripts/score_sample.py "$DATA_DIR/test.parquet"
-
 common=("logging.wandb_mode=${WANDB_MODE:-offline}")
+if [[ -n "$DATA_DIR" ]]; then
+  if [[ -f "$DATA_DIR/train.parquet" && -f "$DATA_DIR/test.parquet" ]]; then
+    echo "[data] using $DATA_DIR"
+  else
+    echo "[data] generating the causal-loop dataset in $DATA_DIR"
+    "$PYTHON" -m data.causal_loop --local_dir "$DATA_DIR" --num_samples "$NUM_SAMPLES" --seed "$SEED" --quiet
+  fi
+  echo "[reward] checking the reward on $DATA_DIR/test.parquet (what the runs evaluate on)"
+  "$PYTHON" scripts/score_sample.py "$DATA_DIR/test.parquet"
+  evals=$(ls "$DATA_DIR"/test*.parquet | paste -sd, -)
+  common+=("data.source=parquet" "data.train_files=[$DATA_DIR/train.parquet]" "data.eval_files=[$evals]")
+fi
 [[ -n "${BASE_MODEL:-}" ]] && common+=("model.path=$BASE_MODEL")
 [[ "$N_GPUS" != "0" ]] && common+=("trainer.device=cuda")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,10 @@ BUDGET = ["trainer.steps=2", "trainer.sft_steps=2", "trainer.sft_batch_size=4", 
 
 
 def launch(*args, **env):
+    # The interpreter running the tests has the project; the launcher is told to use it.
     return subprocess.run(["bash", "scripts/train_lru.sh", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "WANDB_MODE": "disabled", "NUM_SAMPLES": "200", **env})
+                          timeout=600, env={**os.environ, "WANDB_MODE": "disabled", "NUM_SAMPLES": "200",
+                                            "PYTHON": sys.executable, **env})
 
 
 @pytest.mark.timeout(600)
@@ -33,6 +36,23 @@ def test_launcher_trains_a_group_and_resumes(tmp_path):
     again = launch("mla_only", *BUDGET[1:], "trainer.steps=3", OUTPUT_DIR=str(tmp_path), EXPERIMENT_NAME="smoke")
     assert again.returncode == 0 and "resuming" in again.stderr
     assert [r["step"] for r in read_metrics(run_dir)] == [0, 1, 2, 3]
+
+
+def test_launcher_trains_on_a_data_dir_it_generates(tmp_path):
+    result = launch("mla_only", *BUDGET, OUTPUT_DIR=str(tmp_path), EXPERIMENT_NAME="files",
+                    DATA_DIR=str(tmp_path / "data"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    config = (tmp_path / "files" / "config.yaml").read_text()
+    assert "source: parquet" in config and str(tmp_path / "data" / "train.parquet") in config
+    assert (tmp_path / "data" / "test_more_steps.parquet").is_file()
+
+
+def test_launcher_refuses_an_interpreter_without_the_project(tmp_path):
+    bare_python = tmp_path / "python"  # another environment's interpreter: no site-packages, no project
+    bare_python.write_text(f"#!/bin/sh\nexec {sys.executable} -I -S \"$@\"\n")
+    bare_python.chmod(0o755)
+    bare = launch("mla_only", PYTHON=str(bare_python), OUTPUT_DIR=str(tmp_path))
+    assert bare.returncode == 2 and "cannot import the project" in bare.stderr
 
 
 def test_launcher_rejects_unknown_groups_and_bad_overrides(tmp_path):

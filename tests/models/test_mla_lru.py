@@ -8,8 +8,15 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen2ForCausalLM
 
 import models
-from models import LatentCache, LatentReasoningConfig, LatentReasoningForCausalLM, cache_bytes_per_token
-from models.modeling_mla_lru import GrowingLayer, LatentReasoningUnit
+from models import (
+    LatentCache,
+    LatentReasoningConfig,
+    LatentReasoningForCausalLM,
+    cache_bytes_per_token,
+    position_ids_from_mask,
+)
+from models.cache import GrowingLayer
+from models.lru import LatentReasoningUnit
 
 VOCAB = 128
 
@@ -25,7 +32,7 @@ def left_padded_batch(seed: int = 0, b: int = 3, t: int = 12):
     mask = torch.ones(b, t, dtype=torch.long)
     mask[1, :3] = 0
     mask[2, :5] = 0
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids_from_mask(mask)
     return ids, mask, positions
 
 
@@ -228,7 +235,10 @@ def test_decoding_without_lru_diagnostics_gives_the_same_logits_and_cache(group)
 def test_growing_cache_layer_equals_concatenation_through_reorder_and_crop():
     layer = GrowingLayer()
     g = torch.Generator().manual_seed(0)
-    chunk = lambda b, t: (torch.randn(b, 1, t, 4, generator=g), torch.randn(b, 1, t, 2, generator=g))  # noqa: E731
+
+    def chunk(b: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(b, 1, t, 4, generator=g), torch.randn(b, 1, t, 2, generator=g)
+
     keys, values = chunk(3, 5)
     layer.update(keys, values)
     for t in [1] * 70 + [9]:  # past the first capacity (64) and its doubling
@@ -257,7 +267,7 @@ def test_aux_loss_and_stats_on_every_forward(training, use_cache):
     ids, mask, positions = left_padded_batch()
     out = model(ids, attention_mask=mask, position_ids=positions, use_cache=use_cache, labels=ids)
     assert out.aux_loss is not None and torch.isfinite(out.aux_loss)
-    assert set(out.aux_terms) == {"stability", "sparsity", "ponder"}
+    assert set(out.aux_terms) == {"last_update", "sparsity", "ponder"}
     stats = out.lru_stats
     assert 1 <= stats["iterations_mean"] <= stats["iterations_max"] <= 4
     assert stats["halting_distribution"].sum() == pytest.approx(1.0)
@@ -317,7 +327,7 @@ def test_greedy_generate_equals_argmax_of_full_forward(group):
         generated = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
         seq, seq_mask = ids, mask
         for _ in range(6):  # the same greedy decode with no cache at all
-            positions = (seq_mask.cumsum(-1) - 1).clamp(min=0)
+            positions = position_ids_from_mask(seq_mask)
             nxt = model(seq, attention_mask=seq_mask, position_ids=positions, use_cache=False).logits[:, -1].argmax(-1)
             seq = torch.cat([seq, nxt[:, None]], dim=1)
             seq_mask = torch.cat([seq_mask, torch.ones_like(nxt[:, None])], dim=1)

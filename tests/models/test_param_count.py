@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import models
-from models.param_count import QWEN25_05B, count_params, main, matched_baseline, qwen25_05b_shaped
+from models.param_count import count_params, matched_baseline
+from models.presets import QWEN25_05B, main, qwen25_05b_shaped
 
 
 def instantiated(config) -> int:

@@ -17,7 +17,8 @@ def test_values_per_token_gradients_and_round_trip(group, tmp_path):
     ids = torch.randint(1, 128, (2, 9))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
-    values, aux = critic(ids, attention_mask=mask)
+    out = critic(ids, attention_mask=mask)
+    values, aux = out.values, out.aux_loss
     assert values.shape == (2, 9)
     assert (aux is None) == (group in ("baseline", "mla_only"))
     (values[mask.bool()].sum() + (aux if aux is not None else 0)).backward()
@@ -26,10 +27,10 @@ def test_values_per_token_gradients_and_round_trip(group, tmp_path):
     critic.save_pretrained(tmp_path)
     loaded = ValueHeadModel.from_pretrained(tmp_path)
     with torch.no_grad():
-        assert torch.equal(loaded(ids, attention_mask=mask)[0], critic(ids, attention_mask=mask)[0])
+        assert torch.equal(loaded(ids, attention_mask=mask).values, critic(ids, attention_mask=mask).values)
 
 
 def test_fresh_head_when_only_an_lm_checkpoint_exists(tmp_path):
     AutoModelForCausalLM.from_config(models.tiny_config("mla_only")).save_pretrained(tmp_path)
     critic = ValueHeadModel.from_pretrained(tmp_path)
-    assert critic(torch.randint(1, 128, (1, 5)))[0].shape == (1, 5)
+    assert critic(torch.randint(1, 128, (1, 5))).values.shape == (1, 5)

@@ -15,6 +15,7 @@ import torch
 
 from rl.config import load_config
 from rl.driver import Run
+from rl.evaluate import main as evaluate_main
 from rl.tracking import read_metrics
 
 TINY = ["trainer.sft_steps=3", "trainer.sft_batch_size=4", "trainer.prompts_per_step=4", "rollout.n=2",
@@ -58,6 +59,14 @@ def test_run_writes_checkpoints_metrics_and_syncs_weights(tmp_path):
     assert evals == ["step_000000.json", "step_000002.json"]
     final = json.loads((tmp_path / "evals" / "step_000002.json").read_text())
     assert sum(final["test"]["acc"]) / len(final["test"]["acc"]) == pytest.approx(rows[2]["eval/test/acc"])
+    assert final["test"]["key"] == [row["extra_info"]["key"] for row in r.data.eval_sets["test"]]
+    # The evaluation command on the run's last checkpoint reproduces what the run logged.
+    assert evaluate_main([str(tmp_path), "--samples", "0", "--out", str(tmp_path / "eval.json")]) == 0
+    again = json.loads((tmp_path / "eval.json").read_text())["sets"]
+    for split in ("test", "test_more_vars"):
+        assert again[split]["greedy_acc"] == rows[2][f"eval/{split}/acc"]
+        assert again[split]["sampled_acc"] == rows[2][f"eval/{split}/acc_sampled"]
+        assert again[split]["greedy_responses"] == final[split]["response"]
 
 
 def test_resume_continues_the_same_curve(tmp_path):

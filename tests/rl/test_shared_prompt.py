@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 
 import models
-from models import ValueHeadModel
+from models import ValueHeadModel, position_ids_from_mask
 from rl.core import logprobs_from_logits
 from rl.rollout import SamplingParams, TorchRolloutEngine
 from rl.shared_prompt import group_ordered_permutation, response_outputs
@@ -51,7 +51,7 @@ def test_shared_prompt_forward_equals_the_full_forward_and_its_gradients(group):
     for name, grad in full_grads.items():  # per tensor: some (a key bias) are float noise around an exact 0
         assert (grad - shared_grads[name]).abs().max() <= 1e-4 * grad.abs().max() + 1e-9, name
     if model.config.model_type != "qwen2" and model.config.use_lru:
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = position_ids_from_mask(mask)
         own = model(ids, attention_mask=mask, position_ids=positions).aux_loss  # the model's own aux loss
         assert torch.allclose(full_states.aux_loss, own, rtol=1e-6)
         assert torch.allclose(full_states.aux_loss, shared_states.aux_loss, rtol=1e-5)
@@ -63,9 +63,11 @@ def test_shared_prompt_values_equal_the_full_forward():
     torch.manual_seed(0)
     critic = ValueHeadModel(AutoModelForCausalLM.from_config(models.tiny_config("mla_lru_fixed"))).eval()
     ids, mask, r, prompt_index = rows(critic.lm)
-    full, shared = (critic.v_head(response_outputs(critic.backbone, critic.lm.config, ids, mask, r, index).outputs)
+    full, shared = (response_outputs(critic, critic.lm.config, ids, mask, r, index).outputs
                     for index in (None, prompt_index))
     assert (full - shared).abs().max() <= 1e-5
+    own = critic(ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).values[:, -r - 1: -1]
+    assert torch.equal(full, own)  # the critic's own forward: one way to compute values
 
 
 class SoftCappedQwen2(Qwen2ForCausalLM):
@@ -81,7 +83,7 @@ def test_logits_come_from_the_models_own_forward():
     torch.manual_seed(0)
     model = SoftCappedQwen2(models.tiny_config("baseline")).eval()
     ids, mask, r, prompt_index = rows(model)
-    expected = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -r - 1: -1]
+    expected = model(ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, -r - 1: -1]
     for index in (None, prompt_index):
         logits = response_outputs(model, model.config, ids, mask, r, index).outputs
         assert (logits - expected).abs().max() <= 1e-5

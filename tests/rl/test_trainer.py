@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import models
-from models import ValueHeadModel
+from models import ValueHeadModel, position_ids_from_mask
 from rl.rollout import SamplingParams, TorchRolloutEngine, left_pad
 from rl.trainer import NonFiniteError, PPOSettings, PPOTrainer
 
@@ -84,7 +84,7 @@ def test_ppo_raises_the_reward_on_a_one_token_bandit(advantage):
 
     def probability_of_target() -> float:
         with torch.no_grad():
-            logits = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+            logits = model(ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, -1]
         return torch.softmax(logits, -1)[:, :REWARDED].sum(-1).mean().item()
 
     before = probability_of_target()
