@@ -1,10 +1,11 @@
-"""Write causal-loop train / test / held-out splits as verl-schema parquet files.
+"""Write causal-loop train / test / held-out (and optionally validation) splits as verl-schema parquet files.
 
     python -m data.causal_loop --local_dir data/causal_loop_tiny --num_samples 100000 --levels 1,2,3,4
 
 Every argument is checked before any work starts. Files written (atomically): train.parquet,
-test.parquet, test_more_steps.parquet, test_more_vars.parquet and dataset_info.json (the config,
-seed and sizes that made them).
+test.parquet, test_more_steps.parquet, test_more_vars.parquet, validation.parquet with --num_validation
+(same setting as training, disjoint from train and test: tune on it, keep test unseen) and
+dataset_info.json (the config, seed and sizes that made them).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num_samples", type=int, default=100_000, help="training problems (default 100000)")
     p.add_argument("--num_test", type=int, default=1000, help="test problems, same setting as training")
     p.add_argument("--num_heldout", type=int, default=1000, help="problems in each held-out split (0: none)")
+    p.add_argument("--num_validation", type=int, default=0,
+                   help="validation problems, same setting as training, disjoint from train and test (default 0: none)")
     p.add_argument("--config", help="YAML file with TaskConfig fields; the flags below override it")
     p.add_argument("--levels", type=_int_list, help="levels to draw, e.g. 1,2,3,4")
     p.add_argument("--num_vars", type=_int_range, help="MIN,MAX variables per problem")
@@ -109,7 +112,7 @@ def _check_writable(directory: Path, parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    for name in ("num_samples", "num_test", "num_heldout"):
+    for name in ("num_samples", "num_test", "num_heldout", "num_validation"):
         if getattr(args, name) < 0:
             parser.error(f"--{name}={getattr(args, name)}: must be >= 0")
     cfg = _task_config(args, parser)
@@ -122,11 +125,13 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     sizes = {"train": args.num_samples, "test": args.num_test, **{k: args.num_heldout for k in heldout}}
+    if args.num_validation:
+        sizes["validation"] = args.num_validation
     with tqdm(total=3, desc="causal_loop", disable=args.quiet, unit="stage") as bar:
         bar.set_postfix_str("generating")
         try:
             splits = build_splits(cfg, args.num_samples, args.num_test, args.seed, heldout, args.num_heldout,
-                                  dedup=not args.allow_duplicates)
+                                  dedup=not args.allow_duplicates, num_validation=args.num_validation)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

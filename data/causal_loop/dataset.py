@@ -1,7 +1,8 @@
 """Splits, verl-schema tables, parquet files and the endless training stream of the causal-loop task.
 
-Splits are disjoint by canonical problem key (``canonical_keys``): test and held-out problems are
-drawn first and excluded from training, and duplicates within a split are dropped unless asked for.
+Splits are disjoint by canonical problem key (``canonical_keys``, blind to renamed variables): test,
+held-out and validation problems are drawn first and excluded from training, and duplicates within a
+split are dropped unless asked for.
 Rows follow verl's parquet schema, so the same files feed verl:
 
     data_source  "causal_loop"
@@ -38,21 +39,22 @@ def generate(cfg: TaskConfig, n: int, seed: int) -> ProblemBatch:
 def generate_unique(cfg: TaskConfig, n: int, rng: np.random.Generator, exclude: np.ndarray,
                     dedup: bool = True) -> tuple[ProblemBatch, np.ndarray]:
     """n problems whose keys are not in ``exclude`` (sorted uint64) and, with ``dedup``, all distinct;
-    trivial ones (final state == initial state) only if ``cfg.allow_trivial``.
+    trivial ones (final state == initial state) only if ``cfg.allow_trivial``. Distinct means distinct
+    under ``canonical_keys``: a problem with its variables renamed is the same problem.
 
     Draws in rounds until n are found; fails with advice when the setting holds too few distinct
     problems (the reference's default sizes held only ~8.4K distinct problems in a 50K split).
     """
     parts, part_keys, have, drawn = [], [], 0, 0
-    seen = exclude
+    seen, taken = exclude, np.zeros(0, np.uint64)  # taken: distinct drawn problems that ``exclude`` holds
     while have < n:
         want = max(1024, int((n - have) * 1.05))  # duplicates are rare in any setting worth training on
         batch = sample(cfg, want, rng)
         drawn += want
         keys = canonical_keys(batch)
-        keep = ~np.isin(keys, seen)
-        if not cfg.allow_trivial:
-            keep &= nontrivial(batch)
+        keep = np.ones(len(keys), bool) if cfg.allow_trivial else nontrivial(batch)
+        taken = np.union1d(taken, keys[keep & np.isin(keys, exclude)])
+        keep &= ~np.isin(keys, seen)
         if dedup:
             first = np.zeros(len(keys), bool)
             first[np.unique(keys, return_index=True)[1]] = True
@@ -64,12 +66,19 @@ def generate_unique(cfg: TaskConfig, n: int, rng: np.random.Generator, exclude: 
         if dedup:
             seen = np.union1d(seen, keys[keep_rows])
         if have < n and drawn > 20 * n + 100_000:
-            raise ValueError(
-                f"only {have} distinct new problems found in {drawn} draws, {n} wanted: this setting has too few "
-                "distinct problems. Widen it (more variables or steps, wider init_values or constant ranges), "
-                "ask for fewer samples, or allow duplicates (--allow_duplicates)."
-            )
+            raise ValueError(_too_few_message(cfg, n, have, drawn, len(taken)))
     return concat(parts), np.concatenate(part_keys)
+
+
+def _too_few_message(cfg: TaskConfig, n: int, have: int, drawn: int, taken: int) -> str:
+    trivial = "" if cfg.allow_trivial else " non-trivial"
+    return (
+        f"{n} distinct{trivial} problems wanted, only {have} new ones found in {drawn} draws: this setting has too "
+        f"few distinct problems (the draws held {have + taken} distinct ones, {taken} of them already in other splits; "
+        "problems that differ only in the names of their variables count as one). Widen it (more variables or "
+        "steps, wider init_values or constant ranges), ask for fewer samples, or allow duplicates "
+        "(--allow_duplicates)."
+    )
 
 
 def heldout_configs(cfg: TaskConfig, more_steps: tuple[int, int] | None = None,
@@ -86,11 +95,15 @@ def heldout_configs(cfg: TaskConfig, more_steps: tuple[int, int] | None = None,
 
 def build_splits(cfg: TaskConfig, num_train: int, num_test: int, seed: int,
                  heldout: dict[str, TaskConfig] | None = None, num_heldout: int = 0,
-                 dedup: bool = True) -> dict[str, tuple[ProblemBatch, np.ndarray]]:
-    """``{split: (batch, keys)}``: test and held-out splits first, then train, all pairwise disjoint."""
+                 dedup: bool = True, num_validation: int = 0) -> dict[str, tuple[ProblemBatch, np.ndarray]]:
+    """``{split: (batch, keys)}``, all pairwise disjoint: test and held-out splits first, then validation
+    (``cfg``, like train: for tuning, so that test stays unseen), then train; empty splits are left out.
+
+    Validation comes after the evaluation splits, so adding it leaves test and held-out as they were.
+    """
     rng = np.random.default_rng(seed)
     wanted = [("test", cfg, num_test)] + [(name, c, num_heldout) for name, c in (heldout or {}).items()]
-    wanted.append(("train", cfg, num_train))
+    wanted += [("validation", cfg, num_validation), ("train", cfg, num_train)]
     splits, taken = {}, np.zeros(0, np.uint64)
     for name, split_cfg, size in wanted:
         if size <= 0:

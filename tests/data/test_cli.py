@@ -29,6 +29,7 @@ def test_help_documents_the_flags():
 @pytest.mark.parametrize("args, message", [
     (["--levels", "1,7"], "unknown level(s) [7]"),
     (["--num_samples", "-5"], "--num_samples=-5: must be >= 0"),
+    (["--num_validation", "-1"], "--num_validation=-1: must be >= 0"),
     (["--num_vars", "1,2,3"], "give a range as MIN,MAX"),
     (["--op_weights", "copy=x"], "give weights as name=weight"),
     (["--heldout_steps", "1,2"], "must all exceed"),
@@ -67,6 +68,20 @@ def test_writes_verl_parquet_that_datasets_reads(tmp_path):
     assert info["sizes"] == {"train": 300, "test": 40, "test_more_steps": 20, "test_more_vars": 20}
     assert info["task"]["levels"] == [1, 2]
     assert len(pq.read_table(out / "test_more_vars.parquet")) == 20
+
+
+def test_validation_split_is_written_when_asked(tmp_path):
+    out = tmp_path / "ds"
+    assert main(["--local_dir", str(out), "--num_samples", "200", "--num_test", "40", "--num_heldout", "0",
+                 "--num_validation", "30", "--levels", "1,2", "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["dataset_info.json", "test.parquet", "train.parquet",
+                                                    "validation.parquet"]
+    info = [row["extra_info"] for row in pq.read_table(out / "validation.parquet").to_pylist()]
+    assert len(info) == 30 and {i["split"] for i in info} == {"validation"}
+    keys = {name: set(pq.read_table(out / f"{name}.parquet").column("extra_info").combine_chunks().field("key")
+                      .to_pylist()) for name in ("train", "test", "validation")}
+    assert not keys["validation"] & keys["train"] and not keys["validation"] & keys["test"]
+    assert json.loads((out / "dataset_info.json").read_text())["sizes"] == {"train": 200, "test": 40, "validation": 30}
 
 
 def test_config_file_and_unknown_fields(tmp_path):
