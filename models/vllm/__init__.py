@@ -15,11 +15,11 @@ ARCHITECTURE = "LatentReasoningForCausalLM"  # what save_pretrained writes to co
 
 def register() -> None:
     """Plugin entry point: the transformers config, the vLLM model and two config hooks for it."""
-    import models  # noqa: F401  (registers model_type "mla_lru" with AutoConfig, which vLLM reads config.json with)
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.transformers_utils.model_arch_config_convertor import MODEL_ARCH_CONFIG_CONVERTORS
 
+    import models  # noqa: F401  (registers model_type "mla_lru" with AutoConfig, which vLLM reads config.json with)
     from models.configuration import LatentReasoningConfig
     from models.vllm.config import ArchConfigConvertor, ModelConfigHook
 
