@@ -23,6 +23,13 @@ to 1), ponder cost N + R. A halted position is frozen: later iterations of its n
 state. An optional per-sequence signal (sigmoid of a projection of the causal running mean of the states
 over positions <= t) is mixed into p; its running sums are part of the per-sequence state.
 
+**Packed rows** (``starts``): several sequences one after another in one row, each restarting at position 0
+(padding-free packing). The unit forgets everything before a start: the carried state, the convolution's
+taps that reach back across it, the running sums. Without starts nothing of this runs.
+
+**Rollback** (``trail=True``): the state after every position of the call (``LRUTrail``), so a cache can go
+back to any of them exactly when generate() rejects draft tokens (``LatentCache.crop``).
+
 ``lru_summary`` turns the per-position reports of all LRU layers into the auxiliary loss and statistics.
 """
 
@@ -54,6 +61,36 @@ class LRUState:
 
 
 @dataclass
+class LRUTrail:
+    """The LRU state after each of the T positions of one call, compactly: the state it started from and what
+    each position added. A cache that may roll back keeps it (``LatentCache.crop``); nothing else does."""
+
+    before: LRUState  # the state the call started from
+    inputs: torch.Tensor  # (B, K, T, C): every iteration's input at every new position (what later windows read)
+    running_sums: torch.Tensor | None = None  # (B, K, T, C): the running sums after every position (global halting)
+    counts: torch.Tensor | None = None  # (B, T): valid positions so far, after every position
+
+    @property
+    def length(self) -> int:
+        return self.inputs.shape[2]
+
+    def state_after(self, t: int) -> LRUState:
+        """The exact state after position t of the call (t = -1: before it)."""
+        if t < 0:
+            return self.before
+        window = torch.cat([self.before.conv, self.inputs[:, :, : t + 1]], dim=2)  # (B, K, W-1+t+1, C)
+        conv = window[:, :, t + 1:]  # the last W-1 inputs of every iteration
+        sums = None if self.running_sums is None else self.running_sums[:, :, t]
+        return LRUState(conv, sums, None if self.counts is None else self.counts[:, t])
+
+    def index_select(self, index: torch.Tensor) -> LRUTrail:
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.index_select(0, index.to(t.device))
+
+        return LRUTrail(self.before.index_select(index), pick(self.inputs), pick(self.running_sums), pick(self.counts))
+
+
+@dataclass
 class LRUResult:
     """What one LRU call reports, per position (pads hold 0)."""
 
@@ -66,6 +103,7 @@ class LRUResult:
     convergence: torch.Tensor | None = None  # (B, T) |last update| / |first update|
     halting_probs: torch.Tensor | None = None  # (B, T, K) p^n of every iteration (adaptive mode; 0 once halted)
     states: torch.Tensor | None = None  # (K+1, B, T, C) h^0..h^K, only with return_states
+    trail: LRUTrail | None = None  # the state after every position, only with trail=True
 
 
 def act_step(p: torch.Tensor | None, running: torch.Tensor, cumulative: torch.Tensor, last: bool, epsilon: float):
@@ -83,6 +121,47 @@ def act_step(p: torch.Tensor | None, running: torch.Tensor, cumulative: torch.Te
     zero = torch.zeros_like(p)
     weight = torch.where(halts, 1 - cumulative, torch.where(running, p, zero))
     return weight, halts, torch.where(running & ~halts, cumulative + p, cumulative)
+
+
+@dataclass
+class Segments:
+    """Where the sequences of packed rows begin, in the terms the unit reads (built once per call). A row's
+    sequence 0 is the one the carried state belongs to; every start opens the next one."""
+
+    same_taps: torch.Tensor  # (B, T, 1, W): tap j of position t lies in t's own sequence
+    carried: torch.Tensor  # (B, T): position t is still in sequence 0 (the carried state applies)
+    last_start: torch.Tensor  # (B, T): the latest start at or before t (0 if none)
+    keep_last: torch.Tensor  # (B, W-1, 1): which of the last W-1 positions lie in the row's last sequence
+
+    @classmethod
+    def of(cls, starts: torch.Tensor, kernel: int) -> Segments:
+        b, t = starts.shape
+        sequence = starts.long().cumsum(1)  # (B, T)
+        window = F.pad(sequence, (kernel - 1, 0))  # (B, W-1+T): the carried inputs are sequence 0's
+        same = window.unfold(1, kernel, 1) == sequence[..., None]  # (B, T, W)
+        positions = torch.arange(t, device=starts.device).expand(b, t)
+        last_start = torch.where(starts, positions, 0).cummax(1).values
+        keep_last = window[:, window.shape[1] - (kernel - 1):] == sequence[:, -1:]  # (B, W-1)
+        return cls(same[:, :, None], sequence == 0, last_start, keep_last[..., None])
+
+
+def running_total(x: torch.Tensor, carry: torch.Tensor, segments: Segments | None) -> torch.Tensor:
+    """Causal sum over positions of x (B, T, ...) plus ``carry`` (B, ...), the sum of earlier calls. With packed
+    rows it restarts at every start (sums since the start, minus sums before it) and drops the carry there."""
+    total = torch.cumsum(x, dim=1)
+    if segments is None:
+        return carry[:, None] + total
+    b, t = x.shape[:2]
+    extra = (1,) * (x.dim() - 2)
+    before = total - x  # the sum over earlier positions of the call
+    since_start = total - before.gather(1, segments.last_start.view(b, t, *extra).expand_as(x))
+    return carry[:, None] * segments.carried.view(b, t, *extra) + since_start
+
+
+# Why torch.compile leaves the unit out of its graphs (what a fullgraph=True compile reports).
+EAGER_ONLY = ("the LRU runs eagerly: its halting is data-dependent control flow (which positions still iterate), so "
+              "torch.compile(fullgraph=True) and static caches are for the mla_only group; compile an LRU model "
+              "without fullgraph (the unit runs between the compiled graphs)")
 
 
 class LatentReasoningUnit(nn.Module):
@@ -110,13 +189,16 @@ class LatentReasoningUnit(nn.Module):
 
     # ---- the update ------------------------------------------------------------------------------------
 
-    def _refine(self, h: torch.Tensor, window: torch.Tensor, running: torch.Tensor) -> torch.Tensor:
+    def _refine(self, h: torch.Tensor, window: torch.Tensor, running: torch.Tensor,
+                segments: Segments | None) -> torch.Tensor:
         """One refinement of the running positions of h (B, T, C), given its causal window (B, W-1+T, C).
         Halted positions and pads come back unchanged and cost nothing: only running rows go through the
         gates, so adaptive halting saves the work of the iterations it skips."""
         # The depthwise convolution written out as a weighted sum over the W taps of each position: the
         # same numbers as self.conv, without a oneDNN call that costs ~150 us even for one decode token.
         taps = window.unfold(1, self.kernel, 1)  # (B, T, C, W)
+        if segments is not None:  # packed rows: a tap reaching back into the previous sequence reads zero
+            taps = torch.where(segments.same_taps, taps, 0.0)
         mixed = (taps * self.conv.weight.squeeze(1)).sum(-1) + self.conv.bias  # (B, T, C)
         if bool(running.all()):
             return self._gru(h, mixed)
@@ -130,14 +212,12 @@ class LatentReasoningUnit(nn.Module):
 
     # ---- halting ---------------------------------------------------------------------------------------
 
-    def _running_means(self, h: torch.Tensor, k: int, valid: torch.Tensor, state: LRUState,
-                       new_state: LRUState) -> torch.Tensor:
-        """(B, T, C) causal mean of iteration k's states over each sequence's valid positions so far
-        (earlier calls included, through ``state``); records the new running sum in ``new_state``."""
-        sums = state.running_sum[:, k, None] + torch.cumsum(h * valid[..., None], dim=1)  # (B, T, C)
-        counts = state.count[:, None] + torch.cumsum(valid.to(h.dtype), dim=1)  # (B, T)
-        new_state.running_sum[:, k] = sums[:, -1]
-        return sums / counts.clamp(min=1)[..., None]
+    def _running_means(self, h: torch.Tensor, k: int, valid: torch.Tensor, state: LRUState, counts: torch.Tensor,
+                       segments: Segments | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (B, T, C) causal mean of iteration k's states over each sequence's valid positions so far (earlier
+        calls included, through ``state``; ``counts`` (B, T) of them), and the running sums (B, T, C)."""
+        sums = running_total(h * valid[..., None], state.running_sum[:, k], segments)  # (B, T, C)
+        return sums / counts.clamp(min=1)[..., None], sums
 
     def _halting_probability(self, h: torch.Tensor, means: torch.Tensor | None) -> torch.Tensor:
         """p (B, T) of one iteration: local, mixed with the per-sequence signal when there is one."""
@@ -148,26 +228,39 @@ class LatentReasoningUnit(nn.Module):
 
     # ---- the loop --------------------------------------------------------------------------------------
 
+    @torch.compiler.disable(reason=EAGER_ONLY)
     def forward(self, latent: torch.Tensor, valid: torch.Tensor, state: LRUState | None, return_states: bool = False,
-                diagnostics: bool = True) -> tuple[torch.Tensor, LRUResult, LRUState]:
+                diagnostics: bool = True, starts: torch.Tensor | None = None,
+                trail: bool = False) -> tuple[torch.Tensor, LRUResult, LRUState]:
         """latent (B, T, C), valid (B, T) bool -> refined latent (B, T, C), LRUResult, new LRUState.
         ``diagnostics=False`` skips what only the auxiliary loss and the statistics read (a rollout's decode
-        steps): the result then holds iterations and remainders only."""
+        steps): the result then holds iterations and remainders only. ``starts`` (B, T) bool: positions where
+        a packed row begins a new sequence (None: no row does). ``trail``: also report the state after every
+        position (``LRUResult.trail``), for a cache that may roll back."""
+        if trail and starts is not None:
+            raise ValueError("a cache that records for rollback (assisted decoding) cannot take packed rows: "
+                             "its rollback could not rebuild states across a sequence start; run them unpacked")
         state = state or self.empty_state(latent)
         b, t, _ = latent.shape
+        segments = None if starts is None else Segments.of(starts, self.kernel)
+        counts = None if self.halt_global is None else running_total(valid.to(latent.dtype), state.count, segments)
+        new_count = None if counts is None else counts[:, -1] if segments is not None else state.count + valid.sum(dim=1)
         new_state = LRUState(torch.empty_like(state.conv),  # every slot is written below
-                             None if state.running_sum is None else torch.empty_like(state.running_sum),
-                             None if state.count is None else state.count + valid.sum(dim=1))
+                             None if state.running_sum is None else torch.empty_like(state.running_sum), new_count)
         h = torch.where(valid[..., None], latent, 0.0)  # torch.where, not a product: pad rows may hold inf/NaN
         running, cumulative = valid.clone(), latent.new_zeros(b, t)
         output, iterations, remainder = torch.zeros_like(latent), latent.new_zeros(b, t), latent.new_zeros(b, t)
         trace = {name: latent.new_zeros(b, t, self.iterations) for name in ("weights", "probs", "update_norms")}
-        states = [h]
+        states, all_sums = [h], []
         for k in range(self.iterations):
             window = torch.cat([state.conv[:, k], h], dim=1)  # (B, W-1+T, C)
-            new_state.conv[:, k] = window[:, window.shape[1] - (self.kernel - 1):]
-            h_new = self._refine(h, window, running) if bool(running.any()) else h  # halted positions stay frozen
-            means = None if self.halt_global is None else self._running_means(h_new, k, valid, state, new_state)
+            new_state.conv[:, k] = self._last_inputs(window, segments)
+            h_new = self._refine(h, window, running, segments) if bool(running.any()) else h  # halted stay frozen
+            means = None
+            if counts is not None:
+                means, sums = self._running_means(h_new, k, valid, state, counts, segments)
+                new_state.running_sum[:, k] = sums[:, -1]
+                all_sums.append(sums)
             if bool(running.any()):
                 p = self._halting_probability(h_new, means) if self.adaptive else None
                 weight, halts, cumulative = act_step(p, running, cumulative, k == self.iterations - 1, self.epsilon)
@@ -183,10 +276,20 @@ class LatentReasoningUnit(nn.Module):
             h = h_new
             states.append(h)
         if not diagnostics:
-            return output, LRUResult(iterations=iterations, remainder=remainder * valid), new_state
-        report = self._report(latent, valid, output, iterations, remainder, trace)
-        report.states = torch.stack(states) if return_states else None
+            report = LRUResult(iterations=iterations, remainder=remainder * valid)
+        else:
+            report = self._report(latent, valid, output, iterations, remainder, trace)
+            report.states = torch.stack(states) if return_states else None
+        if trail:  # the input of iteration k at every position is h^k
+            report.trail = LRUTrail(state, torch.stack(states[:-1], dim=1), torch.stack(all_sums, dim=1)
+                                    if all_sums else None, counts)
         return output, report, new_state
+
+    def _last_inputs(self, window: torch.Tensor, segments: Segments | None) -> torch.Tensor:
+        """The carried state of one iteration: the last W-1 entries of its window (B, W-1, C), less those of a
+        packed row's earlier sequence."""
+        last = window[:, window.shape[1] - (self.kernel - 1):]
+        return last if segments is None else torch.where(segments.keep_last, last, 0.0)
 
     def _report(self, latent, valid, output, iterations, remainder, trace) -> LRUResult:
         """The per-position diagnostics of one call, from what the loop traced."""
