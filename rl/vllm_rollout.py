@@ -55,6 +55,34 @@ def import_vllm():
     return vllm
 
 
+def logprobs_mode_for(temperature: float) -> str:
+    """vLLM's logprobs mode for an engine that samples at ``temperature``: raw logprobs are exact there
+    (and for greedy calls) whatever the top-k, top-p and penalty; processed ones only without them."""
+    return "raw_logprobs" if temperature in (0.0, 1.0) else "processed_logprobs"
+
+
+def logprobs_exact(mode: str, params: SamplingParams) -> bool:
+    """Whether vLLM in logprobs ``mode`` returns log softmax(logits / temperature) of the sampled tokens, the
+    number the trainer computes (``rl.rollout.sequence_logprobs``), for a call with ``params``.
+    Raw logprobs are log softmax(logits): the trainer's at temperature 1, and at 0 (greedy, unscaled).
+    Processed ones come after temperature, penalty, top-k and top-p: the trainer's only without the last three."""
+    if mode == "raw_logprobs":
+        return params.temperature in (0.0, 1.0)
+    if mode == "processed_logprobs":
+        return params.top_k == 0 and params.top_p == 1.0 and params.repetition_penalty == 1.0
+    raise ValueError(f"logprobs mode {mode!r}: the engine uses 'raw_logprobs' or 'processed_logprobs'")
+
+
+def logprob_parity(rollout: torch.Tensor, trainer: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """The rollout backend's logprobs against the trainer's recomputation, over response tokens (as verl
+    logs rollout-vs-actor differences each step). rollout, trainer, mask: (B*n, R).
+    -> {"rollout/logprob_diff_max", "rollout/logprob_diff_mean"}: max and mean |delta|."""
+    diff = (rollout.float() - trainer.float()).abs()[mask.bool()]
+    if diff.numel() == 0:
+        return {"rollout/logprob_diff_max": 0.0, "rollout/logprob_diff_mean": 0.0}
+    return {"rollout/logprob_diff_max": diff.max().item(), "rollout/logprob_diff_mean": diff.mean().item()}
+
+
 def call_seed(seeds: list[int]) -> int:
     """One generator seed for a call from its per-prompt seeds (63 bits, as torch takes)."""
     digest = hashlib.blake2b(",".join(map(str, seeds)).encode(), digest_size=8).digest()
@@ -69,10 +97,22 @@ class WorkerExtension:
         vLLM's CPU layers repack weights at load, so a plain load_weights after start would not reach
         them; reload_weights reruns the loading and the repacking."""
         self.reload_weights(weights_iterator=list(load_safetensors(blob).items()), is_checkpoint_format=True)
+        _repack_tied_head(self.model_runner.get_model())
 
     def reseed(self, seed: int) -> None:
         """Seed the generator vLLM's sampler draws from (the worker's default torch generator)."""
         torch.manual_seed(seed)
+
+
+def _repack_tied_head(model: torch.nn.Module) -> None:
+    """vLLM's CPU layers keep a repacked copy of their weight for the GEMM, made when weights are processed
+    after loading. A tied lm_head (vLLM's Qwen2) loads nothing itself on reload, its weight being the
+    embedding's, so its copy would keep the old embedding (the baseline's logprobs were off by up to 0.66
+    after an update): process it again. The MLA twin's plain ``nn.Linear`` head needs nothing."""
+    head, config = getattr(model, "lm_head", None), getattr(model, "config", None)
+    method = getattr(head, "quant_method", None)
+    if method is not None and getattr(config, "tie_word_embeddings", False):
+        method.process_weights_after_loading(head)
 
 
 class VLLMRolloutEngine:
@@ -96,7 +136,7 @@ class VLLMRolloutEngine:
             model = self._tmp.name
         self.model_dir = Path(model)
         self.weight_names, self.tied = _checkpoint_names(self.model_dir)
-        self.logprobs_mode = "raw_logprobs" if temperature in (0.0, 1.0) else "processed_logprobs"
+        self.logprobs_mode = logprobs_mode_for(temperature)
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.llm = vllm.LLM(model=str(self.model_dir), dtype=dtype, seed=seed, skip_tokenizer_init=True,
@@ -110,11 +150,8 @@ class VLLMRolloutEngine:
             self._tmp.cleanup()
 
     def logprobs_exact(self, params: SamplingParams) -> bool:
-        """Whether ``generate(..., params)`` returns log softmax(logits / temperature) of the sampled tokens,
-        the trainer's numbers (see the module docstring)."""
-        if self.logprobs_mode == "raw_logprobs":
-            return params.temperature in (0.0, 1.0)
-        return params.top_k == 0 and params.top_p == 1.0 and params.repetition_penalty == 1.0
+        """Whether ``generate(..., params)`` returns the trainer's logprobs (see ``logprobs_exact``)."""
+        return logprobs_exact(self.logprobs_mode, params)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Take the trainer's weights (all of them: a missing or unexpected key is an error), then drop the
