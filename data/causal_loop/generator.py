@@ -339,11 +339,13 @@ def nontrivial(batch: ProblemBatch) -> np.ndarray:
 # that a renaming carries along; ties left when it is stable are broken by individualising one variable
 # and refining again (the individualisation-refinement of nauty; McKay & Piperno, J. Symb. Comp. 2014).
 # Breaking a tie by "the lowest index in the first tied cell", with no search over the other choices, is
-# exact when the stable cells are orbits of the problem's symmetries. That holds for connected graphs with
-# at most one cycle (trees and unicyclic graphs), which covers every structure the generator draws: a
-# chain, a cycle, a tree plus one converging edge, a cycle plus an accumulator. Where it does not hold,
-# a renamed copy may get another key (a missed duplicate); two different problems never share a key
-# beyond a 64-bit collision, since the hash covers the whole renamed problem.
+# exact when every cell it splits is an orbit (its variables are interchangeable by a symmetry of the
+# problem). That is known for trees and cycles (compact graphs; Tinhofer, Computing 1991), and the tests
+# check it against a brute-force canonical form over all renamings for every structure the generator
+# draws (a chain, a cycle, a tree plus one converging edge, a cycle plus an accumulator), on settings
+# built to be symmetric. Where it failed, a renamed copy would get another key (a missed duplicate); two
+# different problems never share a key beyond a 64-bit collision, since the hash covers the whole
+# renamed problem.
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 _NONE = np.uint64(0xFFFFFFFFFFFFFFFF)  # the colour of padding variables, so they sort last
@@ -369,7 +371,7 @@ class _RuleGraph:
     source: np.ndarray  # (b, R) int64, 0 where the rule reads no other variable
     used: np.ndarray  # (b, R) bool: the slot holds a rule
     reads: np.ndarray  # (b, R) bool: the slot holds a rule that reads another variable
-    num_vars: int  # V, the batch's padded width
+    width: int  # V, the batch's padded width
 
     def take(self, rows: np.ndarray) -> _RuleGraph:
         return _RuleGraph(**{name: value[rows] if isinstance(value, np.ndarray) else value
@@ -393,7 +395,7 @@ def _rule_graph(batch: ProblemBatch, rows: np.ndarray) -> _RuleGraph:
     source = np.maximum(source, 0)
     label = _splitmix(_pack((phase, 2), (op + 1, 4), (_slot_positions(phase, target, seq), 8), (const, 31)))
     return _RuleGraph(label=label, target=target, source=source, used=used, reads=reads,
-                      num_vars=batch.init.shape[1])
+                      width=batch.init.shape[1])
 
 
 def _sum_into(values: np.ndarray, var: np.ndarray, valid: np.ndarray, width: int) -> np.ndarray:
@@ -411,8 +413,8 @@ def _refine(g: _RuleGraph, colour: np.ndarray) -> np.ndarray:
     Sums of hashes make the neighbourhoods multisets; a rule's position is in its label, so order counts."""
     read = np.where(g.reads, np.take_along_axis(colour, g.source, axis=1), _SELF)
     written = np.take_along_axis(colour, g.target, axis=1)
-    incoming = _sum_into(_combine(g.label, read), g.target, g.used, g.num_vars)
-    outgoing = _sum_into(_combine(g.label ^ _OUT, written), g.source, g.reads, g.num_vars)
+    incoming = _sum_into(_combine(g.label, read), g.target, g.used, g.width)
+    outgoing = _sum_into(_combine(g.label ^ _OUT, written), g.source, g.reads, g.width)
     return _combine(_combine(colour, incoming), outgoing)
 
 
@@ -464,8 +466,8 @@ def canonical_keys(batch: ProblemBatch) -> np.ndarray:
     """(B,) uint64: equal for the same problem, up to renaming its variables and the listed order of rules
     that commute.
 
-    The variables are renamed into their canonical order (see the comment above), then the problem is
-    hashed field by field. In simultaneous mode only the order among rules on the same target matters, so
+    The variables are renamed into their canonical order (see the comment above), then the whole problem
+    is hashed. In simultaneous mode only the order among rules on the same target matters, so
     slots are stably sorted by (phase, target) first; in sequential mode the listed order is part of the
     problem. A 64-bit hash: a collision (about 1 in 10^8 among a million problems) drops one extra problem
     from a split, never lets a duplicate through.
