@@ -73,14 +73,42 @@ class TrainerWorker:
         critic = ValueHeadModel(copy.deepcopy(self.policy)).to(self.device) if self.with_critic else None
         self.trainer = PPOTrainer(self.policy, reference, critic, self.settings)
 
-    def sft(self, batches: list[tuple[list[list[int]], list[list[int]]]], lr: float, pad_token_id: int) -> list[float]:
-        optimizer, scheduler = warm_start_optimizer(self.policy, lr, total_steps=len(batches))
+    # ---- the warm start: begin, steps in chunks (checkpointed between them), end -------------------------
+
+    def sft_begin(self, lr: float, total_steps: int) -> None:
+        self.sft_optimizer, self.sft_scheduler = warm_start_optimizer(self.policy, lr, total_steps=total_steps)
+
+    def sft(self, batches: list[tuple[list[list[int]], list[list[int]]]], pad_token_id: int) -> list[float]:
+        """Supervised steps on (prompts, responses) batches -> their losses."""
         losses = []
         for prompts, responses in batches:
-            losses.append(sft_step(self.policy, optimizer, prompts, responses, pad_token_id))
-            scheduler.step()
-        self._rebuild()
+            losses.append(sft_step(self.policy, self.sft_optimizer, prompts, responses, pad_token_id))
+            self.sft_scheduler.step()
         return losses
+
+    def sft_end(self) -> None:
+        self.sft_optimizer = self.sft_scheduler = None
+        self._rebuild()
+
+    def save_warm_start(self, run_dir: str, sft_step: int, tokenizer, extra: dict) -> str:
+        state = {"sft_step": sft_step, "sft_optimizer": self.sft_optimizer.state_dict(),
+                 "sft_scheduler": self.sft_scheduler.state_dict(), "torch_rng": torch.get_rng_state(), **extra}
+        final = checkpoint.warm_start_dir(run_dir)
+        return str(checkpoint.write_checkpoint(final, self.policy, tokenizer, None, state, sft_step))
+
+    def load_warm_start(self, path: str, lr: float, total_steps: int) -> dict:
+        state = checkpoint.load_state(checkpoint.Path(path))
+        self._load_policy(f"{path}/policy")
+        self.sft_begin(lr, total_steps)
+        self.sft_optimizer.load_state_dict(state["sft_optimizer"])
+        self.sft_scheduler.load_state_dict(state["sft_scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        return {k: v for k, v in state.items() if k not in ("sft_optimizer", "sft_scheduler", "torch_rng")}
+
+    def _load_policy(self, path: str) -> None:
+        self.policy.load_state_dict(AutoModelForCausalLM.from_pretrained(path).state_dict())
+
+    # ---- PPO ---------------------------------------------------------------------------------------------
 
     def logprobs_and_values(self, rollout: RolloutBatch) -> None:
         """Old / reference logprobs and values of a rollout, kept for ``update`` (they need no scores)."""
@@ -109,8 +137,7 @@ class TrainerWorker:
 
     def load(self, path: str) -> dict:
         state = checkpoint.load_state(checkpoint.Path(path))
-        policy = AutoModelForCausalLM.from_pretrained(f"{path}/policy").to(self.device)
-        self.policy.load_state_dict(policy.state_dict())
+        self._load_policy(f"{path}/policy")
         self._rebuild()
         self.trainer.reference.load_state_dict(state["reference"])
         if self.trainer.critic is not None:

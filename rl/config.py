@@ -18,6 +18,7 @@ import yaml
 
 from models.presets import GROUPS
 from rl.core import AGG_MODES, KL_ESTIMATORS
+from rl.tracking import BACKENDS
 
 
 def _require(ok: bool, name: str, value, fix: str) -> None:
@@ -125,13 +126,16 @@ class TrainerConfig:
     sft_steps: int = 0  # supervised warm start on worked solutions before PPO (0: none)
     sft_lr: float = 1e-3
     sft_batch_size: int = 16
+    sft_save_every: int = 200  # warm-start checkpoints (a killed warm start resumes from the last one)
+    sft_eval_every: int = 0  # held-out evaluation during the warm start (0: only at its end)
     seed: int = 0
     device: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.sft_steps >= 0, "trainer.sft_steps", self.sft_steps, "must be >= 0")
+        _require(self.sft_eval_every >= 0, "trainer.sft_eval_every", self.sft_eval_every, "must be >= 0 (0: off)")
         for name in ("steps", "prompts_per_step", "epochs", "minibatch_size", "micro_batch_size", "max_bad_steps",
-                     "eval_every", "save_every", "sft_batch_size"):
+                     "eval_every", "save_every", "sft_batch_size", "sft_save_every"):
             _require(getattr(self, name) >= 1, f"trainer.{name}", getattr(self, name), "must be >= 1")
         _require(self.lr > 0 and self.critic_lr > 0, "trainer.lr/critic_lr", (self.lr, self.critic_lr), "must be > 0")
         _require(self.micro_batch_size <= self.minibatch_size, "trainer.micro_batch_size", self.micro_batch_size,
@@ -154,14 +158,24 @@ class RewardConfig:
 
 @dataclass
 class LoggingConfig:
+    """JSONL files always; ``backends`` as verl names them (console, wandb, tensorboard)."""
+
     run_dir: str = "outputs/run"
-    wandb_mode: str = "offline"
+    backends: list[str] = field(default_factory=lambda: ["wandb", "tensorboard"])
+    wandb_mode: str = "offline"  # "disabled" turns wandb off whatever the backends say
     project: str = "lru-rl"
     progress: bool = True
+    sample_every: int = 5  # log a few prompts with their responses and rewards every so many PPO steps (0: off)
+    num_samples: int = 4
 
     def __post_init__(self) -> None:
         _require(self.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode", self.wandb_mode,
                  "use offline, online or disabled")
+        unknown = sorted(set(self.backends) - set(BACKENDS))
+        _require(not unknown, "logging.backends", self.backends,
+                 f"unknown {unknown}; valid backends are {list(BACKENDS)}")
+        _require(self.sample_every >= 0 and self.num_samples >= 1, "logging.sample_every/num_samples",
+                 (self.sample_every, self.num_samples), "sample_every >= 0 (0: off), num_samples >= 1")
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -38,7 +39,7 @@ from rl.heldout import evaluate_split, heldout_params, split_metrics, split_reco
 from rl.prompts import PromptSource, encode_prompt
 from rl.report import write_report
 from rl.rollout import SamplingParams, concat_rollouts, step_seed
-from rl.tracking import MetricsLogger, run_info
+from rl.tracking import WARM_START_FILE, MetricsLogger, read_metrics, run_info
 from rl.trainer import PPOSettings
 
 
@@ -92,7 +93,8 @@ class Run:
                                      top_p=cfg.rollout.top_p, repetition_penalty=cfg.rollout.repetition_penalty,
                                      max_new_tokens=cfg.rollout.max_new_tokens, n=cfg.rollout.n,
                                      stop_token_ids=(self.tokenizer.eos_token_id,))
-        self.logger = MetricsLogger(self.dir, cfg.to_dict(), cfg.logging.wandb_mode, cfg.logging.project)
+        self.logger = MetricsLogger(self.dir, cfg.to_dict(), tuple(cfg.logging.backends), cfg.logging.wandb_mode,
+                                    cfg.logging.project)
         self.stop_requested = False
 
     def _check_resources(self, device: str) -> None:
@@ -160,9 +162,10 @@ class Run:
         metrics = ray.get(self.trainer.update.remote(scored.scores, step_seed(self.cfg.trainer.seed, step, "update")))
         times["time/train"] = time.perf_counter() - t
         t = time.perf_counter()
-        weights = self.trainer.weights.remote()
-        ray.get([w.load_weights.remote(weights) for w in self.workers])
+        self._push_weights()
         times["time/sync"] = time.perf_counter() - t
+        if self.cfg.logging.sample_every and step % self.cfg.logging.sample_every == 0:
+            self.logger.log_samples(step, self._samples(rows, batch.prompt_index.tolist(), texts, scored))
         lengths = batch.response_lengths.float()
         tokens = float(lengths.sum() + batch.prompt_mask.sum())
         return {**{f"train/{k}": v for k, v in metrics.items()}, **times,
@@ -173,15 +176,26 @@ class Run:
                 "time/step": time.perf_counter() - start,
                 "throughput/tokens_per_s": tokens / (time.perf_counter() - start)}
 
+    def _samples(self, rows: list[dict], index: list[int], texts: list[str], scored) -> list[dict]:
+        """The first response to each of the first ``logging.num_samples`` prompts, with its reward."""
+        picked = [index.index(i) for i in range(min(self.cfg.logging.num_samples, len(rows)))]
+        return [{"data_source": rows[index[k]]["data_source"], "prompt": rows[index[k]]["prompt"][-1]["content"],
+                 "response": texts[k], "ground_truth": rows[index[k]]["reward_model"]["ground_truth"],
+                 "extra_info": {key: rows[index[k]]["extra_info"].get(key) for key in ("level", "num_vars",
+                                                                                       "num_steps", "key")},
+                 "score": scored.scores[k], "parts": {name: v[k] for name, v in scored.parts.items()}}
+                for k in picked]
+
     def score(self, rows: list[dict], texts: list[str]):
         """Scores of responses to ``rows`` (one row per response), from the reward pool."""
         return self.scorers.collect(self.scorers.submit(
             [r["data_source"] for r in rows], texts, [r["reward_model"]["ground_truth"] for r in rows],
             [r["extra_info"] for r in rows]))
 
-    def evaluate_heldout(self, step: int) -> dict:
+    def evaluate_heldout(self, step: int | None) -> dict:
         """Greedy and sampled accuracy on every held-out split (``rl.heldout``, as ``python -m rl.evaluate``
-        computes it). Each problem's results go to evals/step_N.json for the paired tests of rl.compare."""
+        computes it). Each problem's results go to evals/step_N.json for the paired tests of rl.compare
+        (not for ``step=None``: an evaluation inside the warm start)."""
         params = heldout_params(self.cfg.rollout, self.tokenizer.eos_token_id)
         out, records = {}, {}
         for name, rows in self.data.eval_sets.items():
@@ -190,6 +204,8 @@ class Run:
                                     self.cfg.trainer.seed)
             out.update(split_metrics(name, rows, result))
             records[name] = split_record(rows, result)
+        if step is None:
+            return out
         path = self.dir / "evals" / f"step_{step:06d}.json"
         path.parent.mkdir(exist_ok=True)
         path.with_suffix(".tmp").write_text(json.dumps(records))
@@ -201,24 +217,51 @@ class Run:
         """The progress bar's numbers. KL to the reference exists only with a KL term (otherwise the
         reference is never run); the step's approximate KL to the rollout policy is shown instead."""
         name, key = ("kl", "train/kl_ref") if "train/kl_ref" in metrics else ("approx_kl", "train/approx_kl")
-        return {"reward": f"{metrics['reward/mean']:.3f}", "acc": f"{metrics.get('reward/acc', float('nan')):.2f}",
-                name: f"{metrics.get(key, float('nan')):.4f}"}
+        nan = float("nan")
+        return {"reward": f"{metrics['reward/mean']:.3f}", "acc": f"{metrics.get('reward/acc', nan):.2f}",
+                name: f"{metrics.get(key, nan):.4f}", "s/step": f"{metrics.get('time/step', nan):.1f}"}
 
     def save(self, step: int) -> str:
         return ray.get(self.trainer.save.remote(str(self.dir), step, self.tokenizer, {"data": self.data.state_dict()}))
 
-    def warm_start(self) -> None:
-        cfg = self.cfg.trainer
-        batches = []
-        for _ in range(cfg.sft_steps):
-            rows = self.data.next_rows(cfg.sft_batch_size)
-            eos = self.tokenizer.eos_token_id
-            batches.append(([encode_prompt(self.tokenizer, r, self.cfg.data.template) for r in rows],
-                            [self.tokenizer(r["extra_info"]["solution"], add_special_tokens=False)["input_ids"] + [eos]
-                             for r in rows]))
-        losses = ray.get(self.trainer.sft.remote(batches, cfg.sft_lr, self.tokenizer.pad_token_id))
+    # ---- the warm start ------------------------------------------------------------------------------
+
+    def _sft_batch(self) -> tuple[list[list[int]], list[list[int]]]:
+        rows = self.data.next_rows(self.cfg.trainer.sft_batch_size)
+        eos = self.tokenizer.eos_token_id
+        return ([encode_prompt(self.tokenizer, r, self.cfg.data.template) for r in rows],
+                [self.tokenizer(r["extra_info"]["solution"], add_special_tokens=False)["input_ids"] + [eos]
+                 for r in rows])
+
+    def _push_weights(self) -> None:
         weights = self.trainer.weights.remote()
         ray.get([w.load_weights.remote(weights) for w in self.workers])
+
+    def warm_start(self, start: int) -> None:
+        """Supervised steps on worked solutions, from step ``start`` (0, or where a killed run stopped): the loss
+        of every step logged, held-out accuracy every ``sft_eval_every`` steps, a checkpoint every
+        ``sft_save_every``. Then the warm-started model is evaluated and logged as PPO step 0."""
+        cfg = self.cfg.trainer
+        with tqdm(total=cfg.sft_steps, initial=start, desc="warm start", disable=not self.cfg.logging.progress) as bar:
+            while start < cfg.sft_steps:
+                end = min(_next_multiple(start, every) for every in (50, cfg.sft_save_every, cfg.sft_eval_every,
+                                                                      cfg.sft_steps) if every)
+                batches = [self._sft_batch() for _ in range(start, end)]
+                losses = ray.get(self.trainer.sft.remote(batches, self.tokenizer.pad_token_id))
+                for i, loss in enumerate(losses):
+                    self.logger.log_warm_start(start + i + 1, {"sft/loss": loss})
+                bar.update(len(losses))
+                bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+                start = end
+                if cfg.sft_eval_every and end % cfg.sft_eval_every == 0 and end < cfg.sft_steps:
+                    self._push_weights()
+                    self.logger.log_warm_start(end, {f"sft/{k}": v for k, v in self.evaluate_heldout(None).items()})
+                if end % cfg.sft_save_every == 0 and end < cfg.sft_steps:
+                    ray.get(self.trainer.save_warm_start.remote(str(self.dir), end, self.tokenizer,
+                                                                {"data": self.data.state_dict()}))
+        ray.get(self.trainer.sft_end.remote())
+        self._push_weights()
+        losses = [r["sft/loss"] for r in read_metrics(self.dir, WARM_START_FILE) if "sft/loss" in r]
         self.logger.log(0, {"sft/loss_first": losses[0], "sft/loss_last": float(np.mean(losses[-10:])),
                             **self.evaluate_heldout(0)})
 
@@ -226,10 +269,15 @@ class Run:
 
     def train(self) -> Path:
         start = self._resume()
-        if start == 0 and self.cfg.trainer.sft_steps:
-            self.warm_start()  # logs the held-out evaluation of the warm-started model as step 0
-        elif start == 0:
-            self.logger.log(0, self.evaluate_heldout(0))  # the "before PPO" point of the report
+        if start is None:  # no PPO checkpoint yet: the warm start (resumed if a killed run left one), step 0
+            sft_start = self._resume_warm_start()
+            if self.cfg.trainer.sft_steps:
+                self.warm_start(sft_start)  # logs the held-out evaluation of the warm-started model as step 0
+            else:
+                self.logger.log(0, self.evaluate_heldout(0))  # the "before PPO" point of the report
+            self.save(0)  # PPO killed before its first save resumes here, not before the warm start
+            shutil.rmtree(checkpoint.warm_start_dir(self.dir), ignore_errors=True)
+            start = 0
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         steps = self.cfg.trainer.steps
         try:
@@ -253,23 +301,42 @@ class Run:
         write_report(self.dir)
         return self.dir
 
-    def _resume(self) -> int:
+    def _resume(self) -> int | None:
+        """The PPO step of the latest complete checkpoint, loaded into the actors; None if there is none."""
         latest = checkpoint.latest_checkpoint(self.dir)
         if latest is None:
-            return 0
+            return None
         extra = ray.get(self.trainer.load.remote(str(latest)))
         self.data.load_state_dict(extra["data"])
-        weights = self.trainer.weights.remote()
-        ray.get([w.load_weights.remote(weights) for w in self.workers])
+        self._push_weights()
         self.logger.truncate_after(extra["step"])
         print(f"resuming {self.dir} from step {extra['step']}", file=sys.stderr)
         return extra["step"]
+
+    def _resume_warm_start(self) -> int:
+        """The warm-start step a killed run checkpointed (its state loaded into the trainer), else 0."""
+        cfg = self.cfg.trainer
+        found = checkpoint.complete_checkpoint(checkpoint.warm_start_dir(self.dir)) if cfg.sft_steps else None
+        if found is None:
+            if cfg.sft_steps:
+                ray.get(self.trainer.sft_begin.remote(cfg.sft_lr, cfg.sft_steps))
+            self.logger.truncate_after(-1, warm_start_step=0)
+            return 0
+        extra = ray.get(self.trainer.load_warm_start.remote(str(found), cfg.sft_lr, cfg.sft_steps))
+        self.data.load_state_dict(extra["data"])
+        self.logger.truncate_after(-1, warm_start_step=extra["sft_step"])
+        print(f"resuming {self.dir} inside the warm start, from its step {extra['sft_step']}", file=sys.stderr)
+        return extra["sft_step"]
 
     def _request_stop(self, signum, frame) -> None:
         if self.stop_requested:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.stop_requested = True
         print("\nstopping after this step (checkpoint will be saved); Ctrl-C again to abort", file=sys.stderr)
+
+
+def _next_multiple(step: int, every: int) -> int:
+    return (step // every + 1) * every
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -259,7 +259,9 @@ def _sections(study: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
 
 
 def to_markdown(study: dict) -> str:
-    cell = lambda s: s.replace("|", "\\|")  # noqa: E731
+    def cell(s: str) -> str:
+        return s.replace("|", "\\|")
+
     lines = ["# Study report", "", f"Unit of analysis: the {study['unit']}. Differences are a - b.", "",
              "Excluded runs (not averaged, not compared): "
              + (", ".join(f"{e['experiment']} seed {e['seed']} ({e['reason']})" for e in study["excluded"]) or "none")]

@@ -1,4 +1,12 @@
-"""Metrics: a JSONL file in the run directory always, wandb (offline unless asked) beside it."""
+"""Metrics: JSONL files in the run directory always, and the backends ``logging.backends`` names (verl's
+names): ``console`` (a line per step), ``wandb`` (offline unless ``logging.wandb_mode=online``) and
+``tensorboard`` (event files in ``<run>/tensorboard/``, written as the run goes:
+``tensorboard --logdir outputs/`` shows every run live, overlaid).
+
+Two curves with their own step axes: PPO (``metrics.jsonl``, step = PPO step, 0 = after the warm start)
+and the warm start (``warm_start.jsonl``, step = warm-start step; its keys start with ``sft/``). Sampled
+generations go to ``samples.jsonl``, a wandb table and TensorBoard text.
+"""
 
 from __future__ import annotations
 
@@ -6,46 +14,140 @@ import json
 import math
 from pathlib import Path
 
+BACKENDS = ("console", "wandb", "tensorboard")
+METRICS_FILE, WARM_START_FILE, SAMPLES_FILE = "metrics.jsonl", "warm_start.jsonl", "samples.jsonl"
+PPO_PREFIXES = ("train", "reward", "response", "time", "throughput", "eval")  # wandb plots them against "step"
+
 
 def _plain(value):
     value = float(value) if hasattr(value, "item") or isinstance(value, int | float) else value
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-class MetricsLogger:
-    def __init__(self, run_dir: Path, config: dict, wandb_mode: str = "offline", project: str = "lru-rl",
-                 name: str | None = None):
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.run = None
-        if wandb_mode != "disabled":
-            import wandb  # imported only when used: it is slow to import
+def _numbers(row: dict) -> dict[str, float]:
+    return {k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
-            self.run = wandb.init(project=project, name=name or Path(run_dir).name, dir=str(run_dir),
-                                  mode=wandb_mode, config=config, id=Path(run_dir).name, resume="allow",
-                                  settings=wandb.Settings(silent=True, console="off"))
+
+def _append(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate(path: Path, key: str, step: int) -> None:
+    """Drop rows logged after ``step`` (on resume), so a curve has no duplicated steps."""
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)[key] <= step]
+        path.write_text("".join(line + "\n" for line in rows))
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, config: dict, backends: tuple[str, ...] = ("wandb", "tensorboard"),
+                 wandb_mode: str = "offline", project: str = "lru-rl", name: str | None = None):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / METRICS_FILE
+        self.backends = set(backends)
+        self.run = None
+        if "wandb" in self.backends and wandb_mode != "disabled":
+            self.run = _wandb_run(self.dir, config, wandb_mode, project, name)
+        self.writers: dict = {}  # TensorBoard writers by curve ("ppo", "warm_start"), opened on first use
+        self._purge: dict[str, int] = {}
+
+    def _writer(self, curve: str):
+        if "tensorboard" not in self.backends:
+            return None
+        if curve not in self.writers:
+            from torch.utils.tensorboard import SummaryWriter  # imported only when used
+
+            # purge_step: events a killed run wrote after its checkpoint are hidden on resume.
+            self.writers[curve] = SummaryWriter(str(self.dir / "tensorboard" / curve),
+                                                purge_step=self._purge.get(curve))
+        return self.writers[curve]
 
     def log(self, step: int, metrics: dict) -> None:
+        """One PPO step's metrics (step 0: the evaluation after the warm start)."""
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.run is not None:
-            self.run.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=step)
+        _append(self.path, row)
+        self._to_backends("ppo", "step", step, row)
+        if "console" in self.backends:
+            shown = {k: v for k, v in _numbers(row).items() if k.startswith(("reward/mean", "train/", "eval/"))}
+            print(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in shown.items()), flush=True)
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop rows logged after the checkpoint, so the curve has no duplicated steps."""
-        if not self.path.is_file():
-            return
-        rows = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in rows))
+    def log_warm_start(self, step: int, metrics: dict) -> None:
+        """One warm-start step's metrics (keys ``sft/...``); its own step axis."""
+        row = {"sft/step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        _append(self.dir / WARM_START_FILE, row)
+        self._to_backends("warm_start", "sft/step", step, row)
+
+    def _to_backends(self, curve: str, step_key: str, step: int, row: dict) -> None:
+        values = _numbers(row)
+        if self.run is not None:
+            self.run.log(values)  # no step=: the two curves' steps are keys with their own axes
+        writer = self._writer(curve)
+        if writer is not None:
+            for key, value in values.items():
+                if key != step_key:
+                    writer.add_scalar(key, value, step)
+            writer.flush()
+
+    def log_samples(self, step: int, samples: list[dict]) -> None:
+        """A few prompts with their responses, rewards and reward parts, to read how the policy behaves."""
+        with (self.dir / SAMPLES_FILE).open("a") as f:
+            for s in samples:
+                f.write(json.dumps({"step": step, **s}) + "\n")
+        if self.run is not None:
+            import wandb
+
+            columns = ["step", "prompt", "response", "score", "parts"]
+            self.run.log({"samples": wandb.Table(columns=columns, data=[
+                [step, s["prompt"], s["response"], s["score"], json.dumps(s["parts"])] for s in samples])})
+        writer = self._writer("ppo")
+        if writer is not None:
+            writer.add_text("samples", _markdown_samples(samples), step)
+            writer.flush()
+
+    def truncate_after(self, step: int, warm_start_step: int | None = None) -> None:
+        """On resume from PPO step ``step`` (or from inside the warm start, at ``warm_start_step``): drop
+        what the killed run logged after its checkpoint, in the files and in TensorBoard."""
+        _truncate(self.path, "step", step if warm_start_step is None else -1)
+        _truncate(self.dir / SAMPLES_FILE, "step", step if warm_start_step is None else -1)
+        self._purge["ppo"] = step + 1 if warm_start_step is None else 0
+        if warm_start_step is not None:
+            _truncate(self.dir / WARM_START_FILE, "sft/step", warm_start_step)
+            self._purge["warm_start"] = warm_start_step + 1
 
     def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
         if self.run is not None:
             self.run.finish()
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+def _wandb_run(run_dir: Path, config: dict, mode: str, project: str, name: str | None):
+    import wandb  # imported only when used: it is slow to import
+
+    run = wandb.init(project=project, name=name or run_dir.name, dir=str(run_dir), mode=mode, config=config,
+                     id=run_dir.name, resume="allow", settings=wandb.Settings(silent=True, console="off"))
+    run.define_metric("step")
+    run.define_metric("sft/step")
+    run.define_metric("sft/*", step_metric="sft/step")
+    for prefix in PPO_PREFIXES:
+        run.define_metric(f"{prefix}/*", step_metric="step")
+    return run
+
+
+def _markdown_samples(samples: list[dict]) -> str:
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["| prompt | response | score | parts |", "|---|---|---|---|"]
+    lines += [f"| {cell(s['prompt'][-300:])} | {cell(s['response'])} | {s['score']:.3f} | "
+              f"{cell(json.dumps(s['parts']))} |" for s in samples]
+    return "\n".join(lines)
+
+
+def read_metrics(run_dir: Path, file: str = METRICS_FILE) -> list[dict]:
+    path = Path(run_dir) / file
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
 
 

@@ -136,7 +136,9 @@ def _draw_consts(rng: np.random.Generator, cfg: TaskConfig, op: np.ndarray) -> n
 
 def _structure(rng: np.random.Generator, level: int, n: int, v: int) -> tuple[np.ndarray, ...]:
     """Edges of each level over roles 0..v-1: (targets, sources, phases), each (n, E); source PAD = self op."""
-    full = lambda x: np.full((n, len(x)), x, dtype=np.int64) if np.ndim(x) == 1 else x  # noqa: E731
+    def full(x) -> np.ndarray:
+        return np.full((n, len(x)), x, dtype=np.int64) if np.ndim(x) == 1 else x
+
     roles = np.arange(v)
     if level == 1:  # linear chain: role 0 <- const, role i <- role i-1
         return full(roles), full(np.concatenate([[PAD], roles[:-1]])), np.zeros((n, v), np.int64)
@@ -176,11 +178,17 @@ def _sample_group(rng: np.random.Generator, cfg: TaskConfig, level: int, n: int,
     op[phases == PAD_PHASE] = PAD
     # Shuffle the listed order within each phase (it matters in sequential mode), pads last.
     order = np.lexsort((rng.random(phases.shape), phases), axis=1)
-    take = lambda a: np.take_along_axis(a, order, axis=1)  # noqa: E731
+
+    def take(a: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(a, order, axis=1)
+
     targets, sources, phases, op = take(targets), take(sources), take(phases), take(op)
     # Variables get random names: role -> variable through a random permutation per problem.
     perm = np.argsort(rng.random((n, v)), axis=1)
-    rename = lambda a: np.where(a == PAD, PAD, np.take_along_axis(perm, np.maximum(a, 0), axis=1))  # noqa: E731
+
+    def rename(a: np.ndarray) -> np.ndarray:
+        return np.where(a == PAD, PAD, np.take_along_axis(perm, np.maximum(a, 0), axis=1))
+
     lo, hi = cfg.num_steps
     # Sorted, longest first (steps are drawn independently of everything else, so this changes no
     # distribution): the simulation then runs on slices. sample() must scatter the rows to a random
@@ -253,7 +261,10 @@ def _slot_coefficients(batch: ProblemBatch) -> dict[str, np.ndarray]:
     is a few vector ops instead of a select over six ops: simulation is most of the generator's time.
     """
     op, c = batch.op.T, batch.const.T.astype(np.int64)
-    one = lambda mask: mask.astype(np.int64)  # noqa: E731
+
+    def one(mask: np.ndarray) -> np.ndarray:
+        return mask.astype(np.int64)
+
     rows = np.arange(len(batch))[None] * batch.init.shape[1]
     return {
         "alpha": one((op == ADD_CONST) | (op == ADD_SOURCE) | (op == COND_INC)) + np.where(op == MULTIPLY, c, 0),
@@ -272,7 +283,9 @@ def _slot_coefficients(batch: ProblemBatch) -> dict[str, np.ndarray]:
 def _apply_slot(coef: dict, r: int, k: int, active: np.ndarray, sequential: np.ndarray, state: np.ndarray,
                 old: np.ndarray, modulus: int) -> None:
     """Apply rule slot ``r`` of the first ``k`` problems where ``active`` (k,), in place on the flat state."""
-    pick = lambda name: coef[name][r, :k]  # noqa: E731  (slices, not gathers: rows are sorted by steps)
+    def pick(name: str) -> np.ndarray:
+        return coef[name][r, :k]  # slices, not gathers: rows are sorted by steps
+
     tgt, src = pick("target"), pick("source")
     cur = state[tgt]
     # Sequential rules read the running state; simultaneous ones read the state before the rule set.

@@ -48,7 +48,10 @@ def _rule_pieces(batch: ProblemBatch) -> list[pa.Array]:
     """Rule lines ``"\\n1. B = B + A"`` of every slot, with the section headers baked into each first line."""
     nested = (batch.phase == OUTER).any(axis=1)[:, None]
     outer = batch.phase == OUTER
-    count = lambda mask: np.cumsum(mask, axis=1, dtype=np.int16)  # noqa: E731
+
+    def count(mask: np.ndarray) -> np.ndarray:
+        return np.cumsum(mask, axis=1, dtype=np.int16)
+
     number = np.where(outer, count(outer), count(~outer))  # 1-based position within its phase
     width, limit = batch.init.shape[1], int(batch.const.max()) + 1
     fields = (nested, outer, number, batch.op, batch.target, batch.source + 1, batch.const)

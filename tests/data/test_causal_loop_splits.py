@@ -218,7 +218,9 @@ def test_keys_by_hand():
     other = Problem(1, (5, 3), (Rule(ADD_CONST, 0, const=1), Rule(ADD_SOURCE, 1, 0)), (), 1, 1, "simultaneous", 10)
     assert _key_of(one) == _key_of(two) != _key_of(other)
     # Sequential: the listed order is part of the problem, renamed or not.
-    seq = lambda p: Problem(1, p.init, p.rules, (), 1, 1, "sequential", 10)  # noqa: E731
+    def seq(p: Problem) -> Problem:
+        return Problem(1, p.init, p.rules, (), 1, 1, "sequential", 10)
+
     swapped = Problem(1, (3, 5), one.rules[::-1], (), 1, 1, "sequential", 10)
     assert _key_of(seq(one)) == _key_of(seq(two)) != _key_of(swapped)
 
@@ -243,7 +245,10 @@ def test_symmetric_cycle_gets_one_key_whatever_the_rotation():
 def _key_of(p: Problem) -> int:
     """The key of one readable problem, built as a one-row batch."""
     rules = [(r, 0) for r in p.rules] + [(r, 1) for r in p.outer_rules]
-    column = lambda get, dtype: np.array([[get(r, phase) for r, phase in rules]], dtype)  # noqa: E731
+
+    def column(get, dtype) -> np.ndarray:
+        return np.array([[get(r, phase) for r, phase in rules]], dtype)
+
     batch = ProblemBatch(
         level=np.array([p.level], np.int8), num_vars=np.array([p.num_vars], np.int8),
         num_steps=np.array([p.num_steps], np.int16), inner_steps=np.array([p.inner_steps], np.int16),

@@ -38,7 +38,8 @@ def test_run_writes_checkpoints_metrics_and_syncs_weights(tmp_path):
     r = run(tmp_path, "trainer.steps=2", "algorithm.advantage=gae")
     r.train()
     assert (tmp_path / "config.yaml").is_file()
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000002"]
+    # step 0 (after the warm start) is saved, so PPO killed before its first save does not redo the warm start
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000000", "step_000002"]
     assert (tmp_path / "checkpoints" / "step_000002" / "critic" / "value_head.safetensors").is_file()
     rows = read_metrics(tmp_path)
     assert [row["step"] for row in rows] == [0, 1, 2]
@@ -155,7 +156,8 @@ def test_ppo_raises_the_mean_reward_end_to_end(tmp_path):
 
 
 def test_progress_bar_shows_kl_to_the_reference_or_else_the_approximate_kl():
-    with_kl = Run._headline({"reward/mean": 0.5, "reward/acc": 0.25, "train/kl_ref": 0.02, "train/approx_kl": 0.001})
-    assert with_kl == {"reward": "0.500", "acc": "0.25", "kl": "0.0200"}
+    with_kl = Run._headline({"reward/mean": 0.5, "reward/acc": 0.25, "train/kl_ref": 0.02, "train/approx_kl": 0.001,
+                             "time/step": 2.04})
+    assert with_kl == {"reward": "0.500", "acc": "0.25", "kl": "0.0200", "s/step": "2.0"}
     without = Run._headline({"reward/mean": 0.5, "train/approx_kl": 0.001})
-    assert without == {"reward": "0.500", "acc": "nan", "approx_kl": "0.0010"}
+    assert without == {"reward": "0.500", "acc": "nan", "approx_kl": "0.0010", "s/step": "nan"}
