@@ -1,5 +1,5 @@
-"""HF-compatible model code. Importing this package registers ``mla_lru`` with ``AutoConfig`` and
-``AutoModelForCausalLM``.
+"""HF-compatible model code. Importing this package registers ``mla_lru`` with ``AutoConfig``,
+``AutoModel`` (the backbone, ``LatentReasoningModel``) and ``AutoModelForCausalLM``.
 
     import models
     from transformers import AutoModelForCausalLM
@@ -14,11 +14,11 @@ param_count.py    parameter and cache-size formulas, the parameter-matched basel
 value_head.py     the PPO critic: a value per token on any causal LM of this project
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from models.cache import GrowingCache, LatentCache
 from models.configuration import LatentReasoningConfig
-from models.lru import LatentReasoningUnit, LRUResult, LRUState, lru_summary
+from models.lru import LatentReasoningUnit, LRUResult, LRUState, LRUTrail, lru_summary
 from models.modeling_mla_lru import (
     LatentReasoningForCausalLM,
     LatentReasoningModel,
@@ -30,9 +30,10 @@ from models.presets import GROUPS, tiny_config
 from models.value_head import ValueHeadModel
 
 AutoConfig.register(LatentReasoningConfig.model_type, LatentReasoningConfig, exist_ok=True)
+AutoModel.register(LatentReasoningConfig, LatentReasoningModel, exist_ok=True)
 AutoModelForCausalLM.register(LatentReasoningConfig, LatentReasoningForCausalLM, exist_ok=True)
 
-__all__ = ["GROUPS", "GrowingCache", "LRUResult", "LRUState", "LatentCache", "LatentReasoningConfig",
+__all__ = ["GROUPS", "GrowingCache", "LRUResult", "LRUState", "LRUTrail", "LatentCache", "LatentReasoningConfig",
            "LatentReasoningForCausalLM", "LatentReasoningModel", "LatentReasoningOutput", "LatentReasoningUnit",
            "ValueHeadModel", "cache_bytes_per_token", "count_params", "lru_summary", "position_ids_from_mask",
            "tiny_config"]

@@ -133,15 +133,16 @@ class LatentCache(GrowingCache):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        rows = torch.arange(self._lru_batch_size(), device=indices.device)[indices]  # a mask or indices -> indices
-        self._select_lru_rows(rows)
+        if self.lru_states:  # indices, or a mask over the rows, as the latents take either
+            self._select_lru_rows(torch.arange(self._lru_batch_size(), device=indices.device)[indices])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        self._select_lru_rows(torch.arange(self._lru_batch_size()).repeat_interleave(repeats))
+        if self.lru_states:
+            self._select_lru_rows(torch.arange(self._lru_batch_size()).repeat_interleave(repeats))
 
     def _lru_batch_size(self) -> int:
-        return next(iter(self.lru_states.values())).conv.shape[0] if self.lru_states else 0
+        return next(iter(self.lru_states.values())).conv.shape[0]
 
     def reset(self) -> None:
         super().reset()

@@ -244,7 +244,7 @@ class LatentReasoningUnit(nn.Module):
         b, t, _ = latent.shape
         segments = None if starts is None else Segments.of(starts, self.kernel)
         counts = None if self.halt_global is None else running_total(valid.to(latent.dtype), state.count, segments)
-        new_count = None if counts is None else counts[:, -1] if segments is not None else state.count + valid.sum(dim=1)
+        new_count = None if counts is None else state.count + valid.sum(dim=1) if segments is None else counts[:, -1]
         new_state = LRUState(torch.empty_like(state.conv),  # every slot is written below
                              None if state.running_sum is None else torch.empty_like(state.running_sum), new_count)
         h = torch.where(valid[..., None], latent, 0.0)  # torch.where, not a product: pad rows may hold inf/NaN

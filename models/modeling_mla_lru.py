@@ -37,8 +37,6 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import can_return_tuple, logging
-from transformers.utils.output_capturing import capture_outputs
 from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2MLP,
     Qwen2RMSNorm,
@@ -46,6 +44,8 @@ from transformers.models.qwen2.modeling_qwen2 import (
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
+from transformers.utils import can_return_tuple, logging
+from transformers.utils.output_capturing import capture_outputs
 
 from models.cache import LatentCache
 from models.configuration import LatentReasoningConfig
@@ -304,8 +304,8 @@ class LatentReasoningModel(LatentReasoningPreTrainedModel):
         self.post_init()
 
     @capture_outputs
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, lru_diagnostics: bool = True, **kwargs) -> LatentReasoningModelOutput:
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                use_cache=None, lru_diagnostics: bool = True, **kwargs) -> LatentReasoningModelOutput:
         """As every transformers decoder, ``output_hidden_states`` (L+1 of (B, T, d), the last one normed),
         ``output_attentions`` (L of (B, H, T, S)) and ``return_dict`` are read by ``capture_outputs``."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -402,20 +402,20 @@ class LatentReasoningForCausalLM(LatentReasoningPreTrainedModel, GenerationMixin
             raise ValueError("lru_diagnostics=False drops the LRU's auxiliary loss: keep it True when passing labels")
         base = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                          lru_diagnostics=lru_diagnostics, **kwargs)
+                          lru_diagnostics=lru_diagnostics, return_dict=True, **kwargs)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(base.last_hidden_state[:, keep])  # (B, T, V)
-        out = LatentReasoningOutput(logits=logits, past_key_values=base.past_key_values,
-                                    hidden_states=base.hidden_states, attentions=base.attentions)
-        if base.lru_results and lru_diagnostics:
-            out.aux_loss, out.aux_terms, out.lru_stats, out.lru_iterations = lru_summary(
-                base.lru_results, base.valid, self.config)
-            out.lru_results, out.valid = base.lru_results, base.valid
+        lru = bool(base.lru_results) and lru_diagnostics
+        aux, terms, stats, iterations = lru_summary(base.lru_results, base.valid, self.config) if lru else (None,) * 4
+        loss = None
         if labels is not None:
-            out.loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
-            if out.aux_loss is not None:
-                out.loss = out.loss + out.aux_loss
-        return out
+            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+            loss = loss if aux is None else loss + aux
+        # Built whole, in field order: return_dict=False gives the fields set, in that order (loss first).
+        return LatentReasoningOutput(loss=loss, logits=logits, past_key_values=base.past_key_values,
+                                     hidden_states=base.hidden_states, attentions=base.attentions, aux_loss=aux,
+                                     aux_terms=terms, lru_stats=stats, lru_iterations=iterations,
+                                     lru_results=base.lru_results if lru else None, valid=base.valid if lru else None)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """generate() would build a plain DynamicCache; the LRU state needs a LatentCache (MLA alone gains its

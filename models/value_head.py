@@ -51,7 +51,7 @@ class ValueHeadModel(nn.Module):
                 position_ids: torch.Tensor | None = None, past_key_values: Cache | None = None,
                 use_cache: bool = False) -> ValueHeadOutput:
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=past_key_values, use_cache=use_cache)
+                            past_key_values=past_key_values, use_cache=use_cache, return_dict=True)
         results, valid = getattr(out, "lru_results", None), getattr(out, "valid", None)
         aux = lru_summary(results, valid, self.lm.config)[0] if results else None
         return ValueHeadOutput(values=self.v_head(out.last_hidden_state).squeeze(-1),

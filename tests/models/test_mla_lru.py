@@ -15,44 +15,17 @@ from models import (
     cache_bytes_per_token,
     position_ids_from_mask,
 )
-from models.cache import GrowingLayer
 from models.lru import LatentReasoningUnit
-
-VOCAB = 128
-
-
-def build(group: str, attn: str = "sdpa", seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(models.tiny_config(group, **overrides), attn_implementation=attn).eval()
-
-
-def left_padded_batch(seed: int = 0, b: int = 3, t: int = 12):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (b, t), generator=g)
-    mask = torch.ones(b, t, dtype=torch.long)
-    mask[1, :3] = 0
-    mask[2, :5] = 0
-    positions = position_ids_from_mask(mask)
-    return ids, mask, positions
-
-
-def new_cache(model):
-    return LatentCache(config=model.config) if isinstance(model, LatentReasoningForCausalLM) else None
-
-
-@torch.no_grad()
-def decode_step_by_step(model, ids, mask, positions, prefill: int):
-    """Prefill ``prefill`` tokens, then feed the rest one at a time through the cache. -> logits (B, T, V)"""
-    cache = new_cache(model)
-    out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], position_ids=positions[:, :prefill],
-                past_key_values=cache, use_cache=True)
-    logits = [out.logits]
-    for t in range(prefill, ids.shape[1]):
-        out = model(ids[:, t: t + 1], attention_mask=mask[:, : t + 1], position_ids=positions[:, t: t + 1],
-                    past_key_values=out.past_key_values, use_cache=True)
-        logits.append(out.logits)
-    return torch.cat(logits, dim=1)
-
+from models.modeling_mla_lru import sequence_starts
+from tests.models.helpers import (
+    MLA_IDS,
+    MLA_VARIANTS,
+    VOCAB,
+    build,
+    decode_step_by_step,
+    left_padded_batch,
+    strengthen_lru,
+)
 
 VARIANTS = [(g, "sdpa", {}) for g in models.GROUPS] + [
     ("mla_lru_adaptive", "eager", {}),
@@ -232,31 +205,6 @@ def test_decoding_without_lru_diagnostics_gives_the_same_logits_and_cache(group)
         model(ids, attention_mask=mask, labels=ids, lru_diagnostics=False)
 
 
-def test_growing_cache_layer_equals_concatenation_through_reorder_and_crop():
-    layer = GrowingLayer()
-    g = torch.Generator().manual_seed(0)
-
-    def chunk(b: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.randn(b, 1, t, 4, generator=g), torch.randn(b, 1, t, 2, generator=g)
-
-    keys, values = chunk(3, 5)
-    layer.update(keys, values)
-    for t in [1] * 70 + [9]:  # past the first capacity (64) and its doubling
-        k, v = chunk(3, t)
-        got_k, got_v = layer.update(k, v)
-        keys, values = torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2)
-        assert torch.equal(got_k, keys) and torch.equal(got_v, values)
-    order = torch.tensor([2, 2, 0])
-    layer.reorder_cache(order)
-    layer.crop(-4)
-    keys, values = keys[order][:, :, :-4], values[order][:, :, :-4]
-    k, v = chunk(3, 1)
-    got_k, got_v = layer.update(k, v)
-    assert torch.equal(got_k, torch.cat([keys, k], dim=2)) and torch.equal(got_v, torch.cat([values, v], dim=2))
-    assert layer.get_seq_length() == keys.shape[2] + 1
-    assert isinstance(LatentCache(config=build("mla_only").config).layers[0], GrowingLayer)
-
-
 # ---- outputs, gradients, losses ------------------------------------------------------------------------
 
 
@@ -319,66 +267,6 @@ def test_registered_with_auto_classes():
     assert isinstance(build("baseline"), Qwen2ForCausalLM)
 
 
-@pytest.mark.parametrize("group", models.GROUPS)
-def test_greedy_generate_equals_argmax_of_full_forward(group):
-    model = build(group)
-    ids, mask, _ = left_padded_batch(seed=4, t=6)
-    with torch.no_grad():
-        generated = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        seq, seq_mask = ids, mask
-        for _ in range(6):  # the same greedy decode with no cache at all
-            positions = position_ids_from_mask(seq_mask)
-            nxt = model(seq, attention_mask=seq_mask, position_ids=positions, use_cache=False).logits[:, -1].argmax(-1)
-            seq = torch.cat([seq, nxt[:, None]], dim=1)
-            seq_mask = torch.cat([seq_mask, torch.ones_like(nxt[:, None])], dim=1)
-    assert torch.equal(generated, seq)
-
-
-@pytest.mark.parametrize("group", ["mla_lru_adaptive", "baseline"])
-def test_beam_search_with_cache_equals_without(group):
-    # Beams reorder the cache every step: the LRU state must follow its sequences (LatentCache.reorder_cache).
-    model = build(group, lru_global_halting=0.5) if group != "baseline" else build(group)
-    ids, mask, _ = left_padded_batch(seed=5, t=6)
-    kwargs = dict(attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        cached = model.generate(ids, use_cache=True, **kwargs)
-        uncached = model.generate(ids, use_cache=False, **kwargs)
-    assert torch.equal(cached, uncached)
-
-
-def test_sampling_options_eos_and_stop_strings(tmp_path):
-    from tokenizers import Tokenizer, decoders, pre_tokenizers
-    from tokenizers import models as tok_models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(["<pad>", "<eos>"] + [chr(ord("a") + i) for i in range(26)])}
-    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.decoder = decoders.Fuse()  # characters join without spaces
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
-    model = build("mla_lru_adaptive")
-    prompt = tokenizer(["abc", "de"], return_tensors="pt", padding=True, padding_side="left")
-    torch.manual_seed(0)
-    sampled = model.generate(**prompt, do_sample=True, temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.3,
-                             max_new_tokens=8, pad_token_id=0)
-    assert sampled.shape[0] == 2 and sampled.shape[1] <= 3 + 8
-    # EOS: make <eos> the only possible token; generation stops after one step.
-    with torch.no_grad():
-        model.lm_head.weight.zero_()  # tied: also zeroes the embeddings, fine for this check
-        model.lm_head.weight[1] = 0.0
-    bias = torch.full((VOCAB,), -1e4)
-    bias[1] = 0.0
-    model.lm_head.register_forward_hook(lambda m, i, o: o + bias)
-    stopped = model.generate(**prompt, max_new_tokens=8, do_sample=False, eos_token_id=1, pad_token_id=0)
-    assert stopped.shape[1] == prompt["input_ids"].shape[1] + 1 and (stopped[:, -1] == 1).all()
-    # Stop strings through transformers' StopStringCriteria.
-    bias.fill_(-1e4)
-    bias[vocab["z"]] = 0.0
-    out = model.generate(**prompt, max_new_tokens=8, do_sample=False, stop_strings=["zz"], tokenizer=tokenizer,
-                         pad_token_id=0)
-    assert out.shape[1] == prompt["input_ids"].shape[1] + 2
-
-
 def test_rope_variants_come_from_transformers_and_change_positions():
     ids = torch.randint(1, VOCAB, (1, 40))
     logits = {}
@@ -423,3 +311,187 @@ def test_plain_dynamic_cache_is_refused_with_a_fix():
 def test_bad_config_names_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):
         models.tiny_config("mla_lru_adaptive", **overrides)
+
+
+# ---- transformers conventions: output flags, return_dict, packed rows, checkpointing, AutoModel ----------
+
+
+@pytest.mark.parametrize("group, overrides", MLA_VARIANTS, ids=MLA_IDS)
+def test_hidden_states_and_attentions_have_their_shapes_and_eager_equals_sdpa(group, overrides):
+    sdpa, eager = build(group, "sdpa", **overrides), build(group, "eager", **overrides)
+    ids, mask, positions = left_padded_batch(seed=8)
+    real, (b, t) = mask.bool(), ids.shape
+    layers, heads, d = sdpa.config.num_hidden_layers, sdpa.config.num_attention_heads, sdpa.config.hidden_size
+    inputs = dict(attention_mask=mask, position_ids=positions, use_cache=False)
+    with torch.no_grad():
+        plain = sdpa(ids, **inputs)
+        states = sdpa(ids, **inputs, output_hidden_states=True)  # the sdpa path itself
+        both = sdpa(ids, **inputs, output_hidden_states=True, output_attentions=True)  # weights: eager's softmax
+        reference = eager(ids, **inputs, output_hidden_states=True, output_attentions=True)
+    assert torch.equal(states.logits, plain.logits) and plain.hidden_states is None and plain.attentions is None
+    assert len(states.hidden_states) == layers + 1 and states.attentions is None
+    assert all(h.shape == (b, t, d) for h in states.hidden_states)
+    assert torch.equal(states.hidden_states[0], sdpa.model.embed_tokens(ids))
+    assert torch.equal(sdpa.lm_head(states.hidden_states[-1]), plain.logits)  # the last one is normed
+    assert len(both.attentions) == layers and all(w.shape == (b, heads, t, t) for w in both.attentions)
+    for ours, theirs in [(plain.logits, reference.logits), (both.logits, reference.logits),
+                         *zip(states.hidden_states, reference.hidden_states, strict=True)]:
+        assert (ours - theirs)[real].abs().max() <= 1e-5
+    for ours, theirs in zip(both.attentions, reference.attentions, strict=True):
+        ours, theirs = ours.transpose(1, 2)[real], theirs.transpose(1, 2)[real]  # (real queries, H, T)
+        assert (ours - theirs).abs().max() <= 1e-6
+        assert torch.allclose(ours.sum(-1), torch.ones(())) and (ours[..., ~real.any(0)] == 0).all()
+
+
+@pytest.mark.parametrize("group, overrides", MLA_VARIANTS, ids=MLA_IDS)
+def test_a_decode_steps_attentions_equal_the_full_forwards(group, overrides):
+    # One cached token goes through the absorbed path, which returns its own softmax.
+    model = build(group, **overrides)
+    ids, mask, positions = left_padded_batch(seed=9)
+    flags = dict(output_attentions=True, output_hidden_states=True)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, position_ids=positions, use_cache=False, **flags)
+        prefix = model(ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True)
+        step = model(ids[:, -1:], attention_mask=mask, position_ids=positions[:, -1:],
+                     past_key_values=prefix.past_key_values, **flags)
+    for ours, theirs in zip(step.attentions, full.attentions, strict=True):
+        assert ours.shape == (3, model.config.num_attention_heads, 1, 12)
+        assert (ours - theirs[:, :, -1:]).abs().max() <= 1e-6
+    for ours, theirs in zip(step.hidden_states, full.hidden_states, strict=True):
+        assert (ours - theirs[:, -1:]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("group, overrides", MLA_VARIANTS, ids=MLA_IDS)
+def test_return_dict_false_gives_tuples(group, overrides):
+    model = build(group, **overrides)
+    ids = torch.randint(1, VOCAB, (2, 6))
+    with torch.no_grad():
+        reference = model(ids, labels=ids)
+        out = model(ids, labels=ids, return_dict=False)
+        base = model.model(ids, return_dict=False, output_hidden_states=True)
+        model.config.return_dict = False
+        from_config = model(ids)
+    assert isinstance(out, tuple) and torch.equal(out[0], reference.loss) and torch.equal(out[1], reference.logits)
+    assert isinstance(base, tuple) and torch.equal(model.lm_head(base[0]), reference.logits)
+    assert isinstance(from_config, tuple) and torch.equal(from_config[0], reference.logits)
+
+
+def test_only_attention_arguments_reach_the_attention_function():
+    # return_dict, output_hidden_states and output_attentions used to leak into the attention call.
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    seen = []
+
+    def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
+        seen.append(set(kwargs))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("sdpa_recording", recording_sdpa)
+    AttentionMaskInterface.register("sdpa_recording", sdpa_mask)
+    model = build("mla_lru_adaptive", attn="sdpa_recording")
+    ids = torch.randint(1, VOCAB, (1, 5))
+    with torch.no_grad():
+        out = model(ids, return_dict=False, output_hidden_states=True, use_cache=False)
+    assert isinstance(out, tuple) and len(seen) == model.config.num_hidden_layers
+    assert all(kwargs == {"scaling", "dropout"} for kwargs in seen)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("group, overrides", MLA_VARIANTS, ids=MLA_IDS)
+def test_a_packed_row_equals_its_sequences_run_alone(group, overrides, attn):
+    # Padding-free packing (DataCollatorWithFlattening): one row, position_ids restarting, no mask. The
+    # attention mask comes from transformers; the LRU must not read across the starts either (strengthened
+    # weights, so that a leak shows). A 1-token sequence is shorter than the convolution's window.
+    model = strengthen_lru(build(group, attn, **overrides))
+    g = torch.Generator().manual_seed(10)
+    sequences = [torch.randint(1, VOCAB, (1, n), generator=g) for n in (5, 1, 3, 6)]
+    packed = torch.cat(sequences, dim=1)
+    positions = torch.cat([torch.arange(s.shape[1]) for s in sequences])[None]
+    with torch.no_grad():
+        out = model(packed, position_ids=positions, use_cache=False)
+        alone = [model(s, use_cache=False) for s in sequences]
+    assert (out.logits - torch.cat([a.logits for a in alone], dim=1)).abs().max() <= 1e-5
+    if out.lru_iterations is not None:
+        assert torch.equal(out.lru_iterations, torch.cat([a.lru_iterations for a in alone], dim=2))
+
+
+@pytest.mark.parametrize("global_halting", [0.0, 0.3])
+def test_the_lru_state_after_a_packed_row_is_its_last_sequences(global_halting):
+    # What a cache would carry on: the last sequence's own state, even when it is shorter than the window.
+    unit = lru_unit("adaptive", 1, lru_global_halting=global_halting)
+    latent = torch.randn(2, 7, unit.conv.in_channels)
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    starts = torch.zeros(2, 7, dtype=torch.bool)
+    starts[0, 6] = starts[1, 4] = True  # the last sequences: 1 and 3 tokens
+    with torch.no_grad():
+        _, _, packed = unit(latent, valid, None, starts=starts)
+        for row, first in ((0, 6), (1, 4)):
+            _, _, alone = unit(latent[row:row + 1, first:], valid[row:row + 1, first:], None)
+            for name in ("conv", "running_sum", "count"):
+                ours, theirs = getattr(packed, name), getattr(alone, name)
+                assert (ours is None) == (theirs is None) and (ours is None or torch.allclose(ours[row], theirs[0],
+                                                                                               atol=1e-6))
+
+
+def test_left_padding_is_no_packing():
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert sequence_starts(position_ids_from_mask(mask), mask, 0, 2, 4) is None
+    packed = torch.tensor([[0, 1, 0, 1]])
+    assert sequence_starts(packed, None, 0, 1, 4).tolist() == [[False, False, True, False]]
+    assert sequence_starts(torch.tensor([[0]]), None, 5, 1, 1).tolist() == [[True]]  # after cached tokens
+
+
+@pytest.mark.parametrize("group, overrides", MLA_VARIANTS, ids=MLA_IDS)
+def test_gradient_checkpointing_gives_the_same_gradients(group, overrides):
+    model = build(group, **overrides).train()
+    ids, mask, positions = left_padded_batch()
+    calls = []
+    for layer in model.model.layers:  # a pre-hook: the recomputation stops early, before a forward hook would run
+        layer.register_forward_pre_hook(lambda *_: calls.append(1))
+
+    def gradients():
+        model.zero_grad()
+        model(ids, attention_mask=mask, position_ids=positions, labels=ids).loss.backward()  # aux loss included
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    plain = gradients()
+    model.gradient_checkpointing_enable()
+    calls.clear()
+    checkpointed = gradients()
+    assert len(calls) == 2 * model.config.num_hidden_layers  # every layer ran again in the backward pass
+    assert all(torch.equal(plain[name], checkpointed[name]) for name in plain)  # bitwise, as measured
+
+
+def test_gradient_checkpointing_refuses_what_it_would_get_wrong():
+    model = build("mla_lru_adaptive").train()
+    with pytest.raises(ValueError, match="use_reentrant=True.*auxiliary loss"):
+        model.gradient_checkpointing_enable({"use_reentrant": True})
+    model.gradient_checkpointing_enable()
+    ids = torch.randint(1, VOCAB, (1, 4))
+    for cache_use in (dict(use_cache=True), dict(past_key_values=LatentCache(config=model.config))):
+        with pytest.raises(ValueError, match="write the cache .* a second time"):
+            model(ids, **cache_use)
+    assert model(ids).past_key_values is None  # the config's use_cache default: no cache while checkpointing
+    assert model.eval()(ids).past_key_values is not None
+
+
+@pytest.mark.parametrize("group, overrides", MLA_VARIANTS, ids=MLA_IDS)
+def test_auto_model_is_the_backbone_and_round_trips(group, overrides, tmp_path):
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    base = AutoModel.from_config(models.tiny_config(group, **overrides)).eval()
+    assert type(base) is models.LatentReasoningModel
+    base.save_pretrained(tmp_path / "base")
+    lm = build(group, **overrides)
+    lm.save_pretrained(tmp_path / "lm")
+    loaded = AutoModel.from_pretrained(tmp_path / "base").eval()
+    backbone, info = AutoModel.from_pretrained(tmp_path / "lm", output_loading_info=True)  # an LM's checkpoint
+    assert not info["missing_keys"] and type(backbone) is models.LatentReasoningModel
+    ids, mask, positions = left_padded_batch()
+    inputs = dict(attention_mask=mask, position_ids=positions)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, **inputs).last_hidden_state, base(ids, **inputs).last_hidden_state)
+        assert torch.equal(backbone.eval()(ids, **inputs).last_hidden_state, lm.model(ids, **inputs).last_hidden_state)
