@@ -408,8 +408,8 @@ def rescore_samples(fn: Callable, samples: list[dict]) -> None:
 
 
 def show_evals(path: Path) -> None:
-    """A run's latest ``evals/step_N.json``: per-problem greedy and sampled accuracy of each held-out set. It
-    holds no response text or ground truth, so it cannot be re-scored: this prints what it recorded."""
+    """An older ``evals/step_N.json`` without responses: per-problem greedy and sampled accuracy of each held-out
+    set. It cannot be re-scored: this prints what it recorded."""
     records = json.loads(path.read_text())
     print(f"{path}: recorded accuracy by level (evals files hold no responses, so they are not re-scored)")
     print(f"{'set':<20} {'level':>5} {'n':>6} {'greedy acc':>11} {'sampled acc':>12}")
@@ -421,6 +421,21 @@ def show_evals(path: Path) -> None:
             greedy = statistics.fmean(rec["acc"][i] for i in idx)
             sampled = statistics.fmean(rec["acc_sampled"][i] for i in idx) if "acc_sampled" in rec else math.nan
             print(f"{name:<20} {level!s:>5} {len(idx):>6} {greedy:>11.3f} {sampled:>12.3f}")
+
+
+def eval_samples(path: Path) -> list[dict]:
+    """The greedy responses an ``evals/step_N.json`` recorded (written with them since the held-out evaluation
+    keeps response, ground_truth, data_source and score per problem), as samples; [] for an older file."""
+    records = json.loads(path.read_text())
+    samples = []
+    for rec in records.values():
+        if not all(k in rec for k in ("response", "ground_truth", "data_source")):
+            return []
+        for i, response in enumerate(rec["response"]):
+            samples.append({"data_source": rec["data_source"][i], "response": response,
+                            "ground_truth": rec["ground_truth"][i], "score": rec.get("score", [None] * (i + 1))[i],
+                            "extra_info": {"level": rec.get("level", [None] * (i + 1))[i]}})
+    return samples
 
 
 def rescore_run(fn: Callable, spec: str, run_dir: Path) -> int:
@@ -436,7 +451,12 @@ def rescore_run(fn: Callable, spec: str, run_dir: Path) -> int:
         if samples:
             rescore_samples(fn, samples)
     if evals:
-        show_evals(evals[-1])
+        recorded = eval_samples(evals[-1])
+        if recorded:
+            print(f"re-scored the {len(recorded)} greedy held-out responses of {evals[-1]} with {spec}")
+            rescore_samples(fn, recorded)
+        else:
+            show_evals(evals[-1])
     return 0
 
 

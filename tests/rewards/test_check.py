@@ -253,6 +253,20 @@ def test_responses_rescores_a_run_by_level(capsys, tmp_path):
     assert lines[8].split() == ["test", "2", "2", "0.500", "0.000"]
 
 
+def test_responses_rescores_the_greedy_answers_an_evals_file_recorded(capsys, tmp_path):
+    (tmp_path / "run" / "evals").mkdir(parents=True)
+    right, echo = "<think>s</think><answer>A=5, B=3, C=8</answer>", "<think>s</think><answer>A=1, B=3, C=2</answer>"
+    record = {"acc": [1.0, 0.0], "acc_sampled": [1.0, 0.0], "score": [1.0, 0.5], "response": [right, echo],
+              "response_sampled": [right, echo], "ground_truth": [TRUTH, TRUTH], "data_source": ["causal_loop"] * 2,
+              "index": [0, 1], "key": [11, 12], "level": [1, 2], "num_vars": [3, 3], "num_steps": [2, 2]}
+    (tmp_path / "run" / "evals" / "step_000004.json").write_text(json.dumps({"test": record}))  # as rl.heldout writes
+    code, out = run(capsys, GOOD, "--responses", str(tmp_path / "run"))
+    lines = out.splitlines()
+    assert code == 0 and "re-scored the 2 greedy held-out responses" in lines[0]
+    assert lines[2].split() == ["1", "1", "1.000", "1.000", "1.000"]
+    assert lines[3].split() == ["2", "1", "0.500", "0.100", "0.000"]  # recorded 0.5 for an echo worth 0.1
+
+
 def test_responses_with_another_function_and_compare(capsys, tmp_path):
     write_run(tmp_path / "run")
     code, out = run(capsys, f"{BAD}:pays_for_echoes", "--responses", str(tmp_path / "run"))
