@@ -1,7 +1,10 @@
 """The RL maths: pure functions of tensors and plain numbers. No config objects, no I/O, no Ray.
 
 Shapes: B sequences, T response tokens. ``mask`` (B, T) is 1 on response tokens that count and 0 on
-padding; every function ignores masked positions.
+padding; every function ignores masked positions. Every function returns tensors on its inputs' device and
+in their floating dtype (logprobs and entropies in at least fp32): nothing is allocated on a fixed device and
+nothing branches on a tensor's value in Python, so they run on CPU, CUDA and the meta device alike
+(tests/rl/test_core_devices.py).
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance over positions where mask is 1; ``unbiased`` (Bessel's n / (n - 1)) when there are two or more."""
     mean = masked_mean(x, mask)
     n = mask.sum()
     var = masked_sum((x - mean) ** 2, mask) / n.clamp(min=1)
-    if unbiased and n > 1:
-        var = var * n / (n - 1)
+    if unbiased:  # torch.where, not `if n > 1`: no host sync, and it runs on the meta device
+        var = torch.where(n > 1, var * n / (n - 1).clamp(min=1), var)
     return var
 
 
@@ -70,16 +74,27 @@ def grpo_advantages(scores: torch.Tensor, group: torch.Tensor, mask: torch.Tenso
     scores (B,), group (B,) integer ids of the prompt each response answers, mask (B, T) -> (B, T).
     A group of one response gets advantage 0.
     """
-    ids, inverse = torch.unique(group, return_inverse=True)
-    count = torch.zeros(len(ids), dtype=scores.dtype).index_add_(0, inverse, torch.ones_like(scores))
-    mean = torch.zeros(len(ids), dtype=scores.dtype).index_add_(0, inverse, scores) / count
+    inverse = dense_group_ids(group)
+    count = scores.new_zeros(len(scores)).index_add_(0, inverse, torch.ones_like(scores))  # (B,) buckets
+    mean = scores.new_zeros(len(scores)).index_add_(0, inverse, scores) / count.clamp(min=1)
     centred = scores - mean[inverse]
     if normalize_std:
-        var = torch.zeros(len(ids), dtype=scores.dtype).index_add_(0, inverse, centred**2)
+        var = scores.new_zeros(len(scores)).index_add_(0, inverse, centred**2)
         std = (var / (count - 1).clamp(min=1)).sqrt()  # unbiased, as torch.std
         centred = centred / (std[inverse] + eps)
     centred = torch.where(count[inverse] > 1, centred, torch.zeros_like(centred))
     return centred[:, None] * mask
+
+
+def dense_group_ids(group: torch.Tensor) -> torch.Tensor:
+    """Integer ids (B,) -> ids in [0, B) (B,), equal exactly where the inputs are equal, numbered in sorted order.
+
+    A stable sort and a cumulative sum of "differs from the previous" instead of ``torch.unique``, whose output
+    size depends on the values: this keeps the device, needs no host sync, and runs on the meta device.
+    """
+    ordered, order = torch.sort(group, stable=True)
+    starts = torch.cat([torch.zeros_like(ordered[:1]), (ordered[1:] != ordered[:-1]).to(ordered.dtype)])
+    return torch.empty_like(order).scatter_(0, order, torch.cumsum(starts, 0).to(order.dtype))
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
@@ -138,8 +153,8 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
         dual = (advantages < 0) & (per_token > capped)
         per_token = torch.where(advantages < 0, capped, per_token)
     metrics = {
-        "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-        "dual_clipfrac": masked_mean(dual.float(), mask),
+        "clipfrac": masked_mean((clipped > unclipped).to(logp.dtype), mask),
+        "dual_clipfrac": masked_mean(dual.to(logp.dtype), mask),
         "approx_kl": masked_mean(0.5 * log_ratio**2, mask),  # k2 estimate of KL(old || new)
         "ratio_mean": masked_mean(ratio, mask),
     }
@@ -153,24 +168,30 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     (as in OpenAI baselines' PPO2). ``clip=None`` gives the plain squared error."""
     unclipped = (values - returns) ** 2
     if clip is None:
-        per_token, clipfrac = unclipped, torch.zeros(())
+        per_token, clipfrac = unclipped, values.new_zeros(())
     else:
         v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
         clipped = (v_clipped - returns) ** 2
         per_token = torch.maximum(unclipped, clipped)
-        clipfrac = masked_mean((clipped > unclipped).float(), mask)
+        clipfrac = masked_mean((clipped > unclipped).to(values.dtype), mask)
     return 0.5 * agg_loss(per_token, mask, agg, num_tokens, num_seqs), {"vf_clipfrac": clipfrac.detach()}
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits upcast to fp32 (a log-softmax in half precision loses the small probabilities); fp64 kept."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log pi(token) from logits (B, T, V) and tokens (B, T) -> (B, T), in fp32."""
-    logits = logits.float()
+    """log pi(token) from logits (B, T, V) and tokens (B, T) -> (B, T), in fp32 (fp64 for fp64 logits)."""
+    logits = _at_least_fp32(logits)
     return torch.gather(logits, -1, tokens[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distribution at every position: logsumexp(l) - sum softmax(l) * l."""
-    logits = logits.float()
+    """Entropy (B, T) of the categorical distribution at every position of logits (B, T, V):
+    logsumexp(l) - sum softmax(l) * l, in fp32 (fp64 for fp64 logits)."""
+    logits = _at_least_fp32(logits)
     return torch.logsumexp(logits, dim=-1) - (F.softmax(logits, dim=-1) * logits).sum(-1)
 
 
