@@ -20,6 +20,8 @@ from models.presets import GROUPS
 from rl.core import AGG_MODES, KL_ESTIMATORS
 from rl.tracking import BACKENDS
 
+WARM_START_TARGETS = ("trace", "answer")
+
 
 def _require(ok: bool, name: str, value, fix: str) -> None:
     if not ok:
@@ -35,7 +37,11 @@ class DataConfig:
     eval_files: list[str] = field(default_factory=list)  # empty: held-out sets generated from ``task``
     task: dict = field(default_factory=lambda: {"levels": [1], "num_vars": [2, 2], "num_steps": [1, 2]})
     eval_size: int = 64  # problems per held-out set
+    validation_size: int = 0  # a validation split (stream only) to tune on; then test is evaluated only at
+    # step 0 and at the end, and the evaluations in between use validation alone
     template: str = "chat"
+    warm_start_targets: str = "trace"  # "trace": worked solutions; "answer": the final state only (the
+    # steps must then be computed inside the model, the setting the LRU is for)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -44,6 +50,9 @@ class DataConfig:
                  "give parquet files when data.source=parquet")
         _require(self.template in ("chat", "base"), "data.template", self.template, "use 'chat' or 'base'")
         _require(self.eval_size >= 1, "data.eval_size", self.eval_size, "must be >= 1")
+        _require(self.validation_size >= 0, "data.validation_size", self.validation_size, "must be >= 0 (0: none)")
+        _require(self.warm_start_targets in WARM_START_TARGETS, "data.warm_start_targets", self.warm_start_targets,
+                 f"use one of {list(WARM_START_TARGETS)}")
 
 
 @dataclass
@@ -128,12 +137,17 @@ class TrainerConfig:
     sft_batch_size: int = 16
     sft_save_every: int = 200  # warm-start checkpoints (a killed warm start resumes from the last one)
     sft_eval_every: int = 0  # held-out evaluation during the warm start (0: only at its end)
+    # The warm start passes when greedy accuracy on validation (test without one) reaches this after it; a
+    # run that misses it is flagged in summary.json and kept out of comparisons (rl.study_report).
+    warm_start_min_acc: float = 0.0
     seed: int = 0
     device: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.sft_steps >= 0, "trainer.sft_steps", self.sft_steps, "must be >= 0")
         _require(self.sft_eval_every >= 0, "trainer.sft_eval_every", self.sft_eval_every, "must be >= 0 (0: off)")
+        _require(0.0 <= self.warm_start_min_acc <= 1.0, "trainer.warm_start_min_acc", self.warm_start_min_acc,
+                 "an accuracy in [0, 1]")
         for name in ("steps", "prompts_per_step", "epochs", "minibatch_size", "micro_batch_size", "max_bad_steps",
                      "eval_every", "save_every", "sft_batch_size", "sft_save_every"):
             _require(getattr(self, name) >= 1, f"trainer.{name}", getattr(self, name), "must be >= 1")

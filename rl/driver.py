@@ -36,7 +36,7 @@ from rl import checkpoint
 from rl.actors import SCORER_CPUS, TRAINER_CPUS, WORKER_CPUS, RewardScorerPool, RolloutWorker, TrainerWorker
 from rl.config import ExperimentConfig, load_config
 from rl.heldout import evaluate_split, heldout_params, split_metrics, split_record
-from rl.prompts import PromptSource, encode_prompt
+from rl.prompts import PromptSource, encode_prompt, warm_start_target
 from rl.report import write_report
 from rl.rollout import SamplingParams, concat_rollouts, step_seed
 from rl.tracking import WARM_START_FILE, MetricsLogger, read_metrics, run_info
@@ -192,13 +192,17 @@ class Run:
             [r["data_source"] for r in rows], texts, [r["reward_model"]["ground_truth"] for r in rows],
             [r["extra_info"] for r in rows]))
 
-    def evaluate_heldout(self, step: int | None) -> dict:
-        """Greedy and sampled accuracy on every held-out split (``rl.heldout``, as ``python -m rl.evaluate``
-        computes it). Each problem's results go to evals/step_N.json for the paired tests of rl.compare
-        (not for ``step=None``: an evaluation inside the warm start)."""
+    def evaluate_heldout(self, step: int | None, every_split: bool = True) -> dict:
+        """Greedy and sampled accuracy on the held-out splits (``rl.heldout``, as ``python -m rl.evaluate``
+        computes it): all of them, or with ``every_split=False`` the validation split alone when there is one
+        (test is touched only before and after PPO). Each problem's results go to evals/step_N.json for the
+        paired tests (not for ``step=None``: an evaluation inside the warm start)."""
         params = heldout_params(self.cfg.rollout, self.tokenizer.eos_token_id)
+        sets = self.data.eval_sets
+        if not every_split and "validation" in sets:
+            sets = {"validation": sets["validation"]}
         out, records = {}, {}
-        for name, rows in self.data.eval_sets.items():
+        for name, rows in sets.items():
             prompts = [encode_prompt(self.tokenizer, r, self.cfg.data.template) for r in rows]
             result = evaluate_split(name, rows, prompts, self.rollout, self.score, self.decode, params,
                                     self.cfg.trainer.seed)
@@ -230,8 +234,8 @@ class Run:
         rows = self.data.next_rows(self.cfg.trainer.sft_batch_size)
         eos = self.tokenizer.eos_token_id
         return ([encode_prompt(self.tokenizer, r, self.cfg.data.template) for r in rows],
-                [self.tokenizer(r["extra_info"]["solution"], add_special_tokens=False)["input_ids"] + [eos]
-                 for r in rows])
+                [self.tokenizer(warm_start_target(r, self.cfg.data.warm_start_targets),
+                                add_special_tokens=False)["input_ids"] + [eos] for r in rows])
 
     def _push_weights(self) -> None:
         weights = self.trainer.weights.remote()
@@ -255,15 +259,30 @@ class Run:
                 start = end
                 if cfg.sft_eval_every and end % cfg.sft_eval_every == 0 and end < cfg.sft_steps:
                     self._push_weights()
-                    self.logger.log_warm_start(end, {f"sft/{k}": v for k, v in self.evaluate_heldout(None).items()})
+                    heldout = self.evaluate_heldout(None, every_split=False)
+                    self.logger.log_warm_start(end, {f"sft/{k}": v for k, v in heldout.items()})
                 if end % cfg.sft_save_every == 0 and end < cfg.sft_steps:
                     ray.get(self.trainer.save_warm_start.remote(str(self.dir), end, self.tokenizer,
                                                                 {"data": self.data.state_dict()}))
         ray.get(self.trainer.sft_end.remote())
         self._push_weights()
         losses = [r["sft/loss"] for r in read_metrics(self.dir, WARM_START_FILE) if "sft/loss" in r]
-        self.logger.log(0, {"sft/loss_first": losses[0], "sft/loss_last": float(np.mean(losses[-10:])),
-                            **self.evaluate_heldout(0)})
+        metrics = {"sft/loss_first": losses[0], "sft/loss_last": float(np.mean(losses[-10:])),
+                   **self.evaluate_heldout(0)}
+        self.logger.log(0, {**metrics, **self._warm_start_check(metrics)})
+
+    def _warm_start_check(self, metrics: dict) -> dict:
+        """Whether the model PPO starts from passed the warm-start criterion: greedy accuracy on validation (or
+        test, or the first held-out set) >= ``trainer.warm_start_min_acc``."""
+        split = "validation" if "eval/validation/acc" in metrics else (
+            "test" if "eval/test/acc" in metrics else next(iter(self.data.eval_sets)))
+        acc = metrics[f"eval/{split}/acc"]
+        passed = acc >= self.cfg.trainer.warm_start_min_acc
+        if not passed:
+            print(f"warning: the warm start missed its criterion (eval/{split}/acc {acc:.3f} < "
+                  f"trainer.warm_start_min_acc {self.cfg.trainer.warm_start_min_acc}); the run is flagged in "
+                  "summary.json and kept out of comparisons", file=sys.stderr)
+        return {"sft/passed": float(passed), "sft/criterion_acc": acc}
 
     # ---- the loop ------------------------------------------------------------------------------------
 
@@ -274,7 +293,8 @@ class Run:
             if self.cfg.trainer.sft_steps:
                 self.warm_start(sft_start)  # logs the held-out evaluation of the warm-started model as step 0
             else:
-                self.logger.log(0, self.evaluate_heldout(0))  # the "before PPO" point of the report
+                metrics = self.evaluate_heldout(0)  # the "before PPO" point of the report
+                self.logger.log(0, {**metrics, **self._warm_start_check(metrics)})
             self.save(0)  # PPO killed before its first save resumes here, not before the warm start
             shutil.rmtree(checkpoint.warm_start_dir(self.dir), ignore_errors=True)
             start = 0
@@ -287,7 +307,7 @@ class Run:
                     metrics = self.step(step)
                     last = step == steps or self.stop_requested
                     if step % self.cfg.trainer.eval_every == 0 or last:
-                        metrics.update(self.evaluate_heldout(step))
+                        metrics.update(self.evaluate_heldout(step, every_split=last))
                     self.logger.log(step, metrics)
                     bar.set_postfix(self._headline(metrics))
                     if step % self.cfg.trainer.save_every == 0 or last:

@@ -17,7 +17,8 @@ class PromptSource:
         self.cfg = cfg
         if cfg.source == "stream":
             task = TaskConfig(**cfg.task)
-            splits = build_splits(task, 0, cfg.eval_size, seed + 1, heldout_configs(task), cfg.eval_size)
+            splits = build_splits(task, 0, cfg.eval_size, seed + 1, heldout_configs(task), cfg.eval_size,
+                                  num_validation=cfg.validation_size)
             self.eval_sets = {name: to_table(b, name, k, cfg.template).to_pylist() for name, (b, k) in splits.items()}
             excluded = np.concatenate([k for _, k in splits.values()])
             self.stream = ProblemStream(task, seed=seed, chunk_size=256, exclude_keys=excluded)
@@ -41,6 +42,14 @@ class PromptSource:
             self.stream.load_state_dict(state["stream"])
         else:
             self.position = state["position"]
+
+
+def warm_start_target(row: dict, targets: str) -> str:
+    """The supervised response to a row: its worked solution ("trace"), or the answer alone ("answer",
+    after an empty think block, so the format matches the reward's)."""
+    if targets == "trace":
+        return row["extra_info"]["solution"]
+    return f"<think>\n</think>\n<answer>{row['reward_model']['ground_truth']['answer']}</answer>"
 
 
 def encode_prompt(tokenizer, row: dict, template: str) -> list[int]:

@@ -161,3 +161,30 @@ def test_progress_bar_shows_kl_to_the_reference_or_else_the_approximate_kl():
     assert with_kl == {"reward": "0.500", "acc": "0.25", "kl": "0.0200", "s/step": "2.0"}
     without = Run._headline({"reward/mean": 0.5, "train/approx_kl": 0.001})
     assert without == {"reward": "0.500", "acc": "nan", "approx_kl": "0.0010", "s/step": "nan"}
+
+
+def test_validation_split_is_evaluated_between_and_test_only_before_and_after(tmp_path):
+    r = run(tmp_path, "trainer.steps=2", "trainer.eval_every=1", "data.validation_size=2",
+            "trainer.warm_start_min_acc=1.0")
+    r.train()
+    rows = {row["step"]: row for row in read_metrics(tmp_path)}
+    assert "eval/validation/acc" in rows[1] and "eval/test/acc" not in rows[1]  # tuning touches validation only
+    assert "eval/test/acc" in rows[0] and "eval/test/acc" in rows[2]
+    assert rows[0]["sft/passed"] == 0.0 and rows[0]["sft/criterion_acc"] == rows[0]["eval/validation/acc"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["warm_start_passed"] is False  # the 100% criterion is missed: flagged, kept out of comparisons
+    keys = [set(row["extra_info"]["key"] for row in r.data.eval_sets[name]) for name in ("validation", "test")]
+    assert not keys[0] & keys[1]
+
+
+def test_answer_only_warm_start_targets_hold_no_intermediate_state():
+    from rl.prompts import warm_start_target
+
+    row = {"extra_info": {"solution": "<think>\nstep 0: A=1\nstep 1: A=2\n</think>\n<answer>A=2</answer>"},
+           "reward_model": {"ground_truth": {"answer": "A=2", "initial": "A=1"}}}
+    assert warm_start_target(row, "trace") == row["extra_info"]["solution"]
+    answer_only = warm_start_target(row, "answer")
+    assert answer_only == "<think>\n</think>\n<answer>A=2</answer>" and "step" not in answer_only
+    from rewards.causal_loop import compute_score
+
+    assert compute_score("causal_loop", answer_only, row["reward_model"]["ground_truth"])["score"] == 1.0
