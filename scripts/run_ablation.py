@@ -208,10 +208,10 @@ def time_left(walls: list[float], elapsed: list[float], queued: int) -> str:
 
 def progress_line(pending: list[RunSpec], rows: list[dict], total: int, walls: list[float], since: float) -> str:
     now = time.time()
-    running = {s: t for s in pending if (t := started_at(s, since)) is not None}
+    running = [(s, t) for s in pending if (t := started_at(s, since)) is not None]
     failed = sum(r["status"] == "failed" for r in rows)
-    parts = [f"{s.experiment} seed {s.seed}: {run_stage(s)} ({duration(now - t)})" for s, t in running.items()]
-    left = time_left(walls, [now - t for t in running.values()], len(pending) - len(running))
+    parts = [f"{s.experiment} seed {s.seed}: {run_stage(s)} ({duration(now - t)})" for s, t in running]
+    left = time_left(walls, [now - t for _, t in running], len(pending) - len(running))
     return (f"[ablation] {len(rows)}/{total} done ({failed} failed) | " + (" | ".join(parts) or "waiting to start")
             + f" | {left}")
 
