@@ -206,8 +206,10 @@ def time_left(walls: list[float], elapsed: list[float], queued: int) -> str:
     return f"~{duration(work / max(1, len(elapsed)))} left"
 
 
-def progress_line(pending: list[RunSpec], rows: list[dict], total: int, walls: list[float], since: float) -> str:
-    now = time.time()
+def progress_line(pending: list[RunSpec], rows: list[dict], total: int, walls: list[float], since: float,
+                  now: float | None = None) -> str:
+    """Runs done and failed, where each running run is and for how long, and the time left."""
+    now = time.time() if now is None else now
     running = [(s, t) for s in pending if (t := started_at(s, since)) is not None]
     failed = sum(r["status"] == "failed" for r in rows)
     parts = [f"{s.experiment} seed {s.seed}: {run_stage(s)} ({duration(now - t)})" for s, t in running]
@@ -495,14 +497,14 @@ def train(experiments: list[Experiment], argv: list[str], args: argparse.Namespa
             walls.append(rows[-1]["wall_s"])
     rows += [{"experiment": e.name, "status": "not available", "error": e.unavailable}
              for e in experiments if e.unavailable]
-    print(f"[ablation] {len(todo)} runs to do, {sum(r['status'] == 'skipped' for r in rows)} finished before, "
-          f"{sum(r['status'] == 'not available' for r in rows)} experiments not available; output {out_dir}",
-          flush=True)
+    counts = {k: sum(r["status"] == k for r in rows) for k in ("skipped", "conflict", "not available")}
+    print(f"[ablation] to run: {len(todo)}, finished before: {counts['skipped']}, conflicting: {counts['conflict']}, "
+          f"experiments not available: {counts['not available']}; output {out_dir}", flush=True)
     write_manifest(out_dir, argv, args, rows + [{"experiment": s.experiment, "seed": s.seed, "status": "pending"}
                                                 for s in todo])
     rows += run_specs(todo, walls, args)
     for row in rows:
-        row["acc"] = test_acc(row["run_dir"]) if row.get("run_dir") else "-"
+        row["acc"] = test_acc(row["run_dir"]) if row["status"] in ("finished", "skipped") else "-"
     print(final_table(rows))
     write_manifest(out_dir, argv, args, rows)
     report(out_dir, args.latex)

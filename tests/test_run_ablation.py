@@ -1,0 +1,227 @@
+"""scripts/run_ablation.py: the dry-run table, collecting finished runs for the study report, and (slow) real tiny
+runs through Ray: two experiments finish, a broken one is reported while they run, a re-run skips them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import models
+from rl.experiments import load_experiments
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "run_ablation.py"
+TINY = ["trainer.sft_steps=2", "trainer.steps=1", "data.eval_size=2", "rollout.max_new_tokens=8",
+        "trainer.prompts_per_step=2", "rollout.n=2", "trainer.sft_batch_size=4", "trainer.minibatch_size=4",
+        "trainer.micro_batch_size=4", "logging.progress=false", "logging.backends=[]", "logging.wandb_mode=disabled",
+        "logging.sample_every=0"]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("run_ablation", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_ablation"] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+ablation = load_script()
+
+
+def test_dry_run_lists_every_experiment(capsys):
+    names = list(load_experiments())
+    assert ablation.main(["--dry-run"]) == 0
+    table = capsys.readouterr().out
+    listed = [line.split()[0] for line in table.splitlines()[2:] if line.strip() and not line.startswith("cache")]
+    assert listed == names
+    if "looped" not in models.GROUPS:
+        assert "not available: group looped does not exist yet" in table
+    assert ablation.main(["--dry-run", "--json", "--experiments", "mla_lru_iter_8", "baseline_matched"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == ["mla_lru_iter_8", "baseline_matched"]
+    assert rows[0]["iterations"] == 8 and rows[0]["parameters"] > 0 and rows[1]["model_class"] == "Qwen2ForCausalLM"
+    assert rows[0]["cache_bytes_per_token"] == 4 * (64 + 16) * 4  # layers x (C + rotary key) x fp32 bytes
+
+
+def test_bad_input_is_refused_before_any_run(tmp_path, capsys):
+    assert ablation.main(["--experiments", "nope", "--output-dir", str(tmp_path)]) == 2
+    assert "unknown experiment(s) ['nope']" in capsys.readouterr().err
+    assert ablation.main(["--dry-run", "trainer.stepz=1"]) == 2
+    assert "trainer.stepz" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["--json"])
+    assert not list(tmp_path.iterdir())
+
+
+# ---- collecting runs for the report -----------------------------------------------------------------------
+
+def fake_run(root: Path, experiment: str, seed: int, test_acc: list[float], passed: bool | None = True,
+             wall: float | None = 60.0) -> Path:
+    """A finished run directory as the driver and this script leave it."""
+    run_dir = root / experiment / f"seed_{seed}"
+    (run_dir / "evals").mkdir(parents=True)
+    summary = {"steps": 2, "lru_iterations_mean": 2.5 if "lru" in experiment else None}
+    if passed is not None:
+        summary["warm_start_passed"] = passed
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    n = len(test_acc)
+    test = {"acc": test_acc, "key": [100 + i for i in range(n)], "num_steps": [1 + i % 2 for i in range(n)]}
+    more = {"acc": [1.0, 0.0], "key": [7, 8], "num_steps": [3, 3]}
+    (run_dir / "evals" / "step_000000.json").write_text(json.dumps({"test": {**test, "acc": [0.0] * n}}))
+    (run_dir / "evals" / "step_000002.json").write_text(json.dumps({"test": test, "test_more_steps": more}))
+    (run_dir / "evals" / "step_000003.json").write_text(json.dumps({"validation": {"acc": [1.0], "key": [1],
+                                                                                   "num_steps": [1]}}))
+    if wall is not None:
+        (run_dir / "ablation_run.json").write_text(json.dumps({"wall_s": wall, "returncode": 0}))
+    return run_dir
+
+
+def test_run_records_come_from_the_last_test_evaluation(tmp_path):
+    run_dir = fake_run(tmp_path, "mla_lru_fixed", 3, [1.0, 0.0, 1.0, 1.0], passed=None, wall=None)
+    run, problems, notes = ablation.run_record(run_dir, "mla_lru_fixed", 3)
+    # step 2's test split (step 3 holds validation only): 3 of 4 right; steps 1: [1, 1], 2: [0, 1], 3: [1, 0]
+    assert run["metrics"] == {"acc": 0.75, "acc_by_steps": {"1": 1.0, "2": 0.5, "3": 0.5}, "iterations_mean": 2.5,
+                              "wall_s": None}
+    assert run["passed_warm_start"] is True
+    assert any("no warm_start_passed" in n for n in notes) and any("wall_s n/a" in n for n in notes)
+    assert problems[1] == {"experiment": "mla_lru_fixed", "seed": 3, "problem_key": 101, "correct": 0.0,
+                           "num_steps": 2}
+    assert len(problems) == 4  # the test split only
+
+
+def test_report_only_writes_the_study_report(tmp_path, capsys):
+    for seed, (a, b) in enumerate([(0.75, 0.5), (1.0, 0.25), (0.5, 0.5)]):
+        fake_run(tmp_path, "mla_lru_adaptive", seed, [1.0] * int(a * 4) + [0.0] * (4 - int(a * 4)))
+        fake_run(tmp_path, "mla_only", seed, [1.0] * int(b * 4) + [0.0] * (4 - int(b * 4)), passed=seed != 2)
+    (tmp_path / "mla_only" / "seed_9").mkdir()  # unfinished: no summary.json
+    assert ablation.main(["--report-only", "--results-dir", str(tmp_path), "--latex"]) == 0
+    study = json.loads((tmp_path / "report.json").read_text())
+    rows = {r["experiment"]: r for r in study["experiments"]}
+    assert rows["mla_lru_adaptive"]["seeds"] == [0, 1, 2] and rows["mla_only"]["seeds"] == [0, 1]
+    assert rows["mla_lru_adaptive"]["acc"]["estimate"] == pytest.approx(0.75)
+    assert study["excluded"] == [{"experiment": "mla_only", "seed": 2,
+                                  "reason": "did not pass the warm start (passed_warm_start=False)"}]
+    assert study["collection_notes"] == ["mla_only seed 9: not finished (no summary.json): left out"]
+    assert "## Collection notes" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "report.tex").is_file() and (tmp_path / "figures" / "acc_vs_steps.png").is_file()
+
+
+def test_report_only_without_runs_says_so(tmp_path, capsys):
+    assert ablation.main(["--report-only", "--results-dir", str(tmp_path)]) == 1
+    assert "no finished runs" in capsys.readouterr().out
+
+
+# ---- skipping, conflicts, progress ------------------------------------------------------------------------
+
+def spec_for(tmp_path, experiment="mla_only", seed=0):
+    experiments = load_experiments(extra=TINY)
+    return ablation.plan_runs([experiments[experiment]], [seed], tmp_path)[0]
+
+
+def test_finished_runs_are_skipped_and_other_configs_refused(tmp_path):
+    spec = spec_for(tmp_path)
+    assert spec.run_dir == str(tmp_path.resolve() / "mla_only" / "seed_0")
+    assert spec.command[-3:] == ("trainer.seed=0", "data.seed=0", f"logging.run_dir={spec.run_dir}")
+    assert ablation.prior_state(spec) == ("run", "")
+    run_dir = Path(spec.run_dir)
+    run_dir.mkdir(parents=True)
+    stored = json.loads(json.dumps(spec.config))
+    (run_dir / "config.yaml").write_text(json.dumps(stored))
+    (run_dir / "summary.json").write_text(json.dumps({"steps": 0}))
+    assert ablation.prior_state(spec)[0] == "run"  # fewer steps than asked: the driver extends it
+    (run_dir / "summary.json").write_text(json.dumps({"steps": 1}))
+    assert ablation.prior_state(spec)[0] == "skipped"
+    stored["trainer"]["lr"] = 0.5
+    stored["logging"]["progress"] = True  # logging does not change what is trained
+    (run_dir / "config.yaml").write_text(json.dumps(stored))
+    state, why = ablation.prior_state(spec)
+    assert state == "conflict" and "(trainer.lr)" in why
+
+
+def test_progress_line_names_the_run_its_step_and_the_time_left(tmp_path):
+    spec = spec_for(tmp_path)
+    run_dir = Path(spec.run_dir)
+    run_dir.mkdir(parents=True)
+    assert ablation.progress_line([spec], [], 2, [], since=0.0).endswith("waiting to start | time left unknown until "
+                                                                        "a run finishes")
+    started = 1.0e9
+    (run_dir / "ablation_running.json").write_text(json.dumps({"started": started}))
+    (run_dir / "warm_start.jsonl").write_text('{"sft/step": 1}\n{"sft/step": 2}\n')
+    assert "mla_only seed 0: warm start 2/2" in ablation.progress_line([spec], [], 2, [], since=0.0)
+    (run_dir / "metrics.jsonl").write_text('{"step": 0}\n')
+    line = ablation.progress_line([spec], [{"status": "finished"}], 2, [90.0], since=0.0, now=started + 30)
+    assert "[ablation] 1/2 done (0 failed) | mla_only seed 0: PPO step 0/1 (0m30s)" in line
+    assert line.endswith("~1m00s left")  # mean 90 s, 30 s of it spent
+    # 2 runs going, 3 queued, mean 100 s: (100 - 40) + (100 - 80) + 3 x 100 = 380 s of work over 2 at once
+    assert ablation.time_left([100.0], [40.0, 80.0], 3) == "~3m10s left"
+
+
+def test_error_line_picks_what_went_wrong():
+    tail = ["step 0", "Traceback (most recent call last):", '  File "x.py"', "FileNotFoundError: /a/b.parquet", ""]
+    assert ablation.error_line(tail) == "FileNotFoundError: /a/b.parquet"
+    assert ablation.error_line(["just output"]) == "just output"
+
+
+# ---- real runs --------------------------------------------------------------------------------------------
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+
+
+def final_rows(stdout: str) -> dict[str, str]:
+    """{experiment: its line} of the final table (header: experiment, seed, status, ...)."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("experiment ") and " status " in line)
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.strip() or line.startswith("["):
+            break
+        rows.append(line)
+    return {line.split()[0]: line for line in rows}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_real_runs_finish_a_failure_is_reported_and_a_rerun_skips(tmp_path):
+    experiments = tmp_path / "experiments.yaml"
+    experiments.write_text(
+        "experiments:\n"
+        "  mla_only: {description: MLA without the LRU, group: mla_only}\n"
+        "  broken:\n"
+        "    description: trains on a file that does not exist (valid config; fails when the run starts)\n"
+        "    group: mla_only\n"
+        "    overrides: [data.source=parquet, 'data.train_files=[/nonexistent/train.parquet]']\n"
+        "  mla_lru_adaptive: {description: main, group: mla_lru_adaptive,\n"
+        "                     overrides: ['model.overrides={lru_global_halting: 0.5}']}\n")
+    out = tmp_path / "out"
+    first = run_cli("--experiments-file", str(experiments), "--output-dir", str(out), "--poll", "5", *TINY)
+    assert first.returncode == 1, first.stdout + first.stderr  # the broken run failed; the others went on
+    lines = final_rows(first.stdout)
+    assert " finished " in lines["mla_only"] and " finished " in lines["mla_lru_adaptive"]
+    assert " failed " in lines["broken"] and "train.parquet" in lines["broken"]
+    assert "[ablation] 1/3 done" in first.stdout and "left" in first.stdout  # progress lines
+    for name in ("mla_only", "mla_lru_adaptive"):
+        assert (out / name / "seed_0" / "summary.json").is_file()
+        assert json.loads((out / name / "seed_0" / "ablation_run.json").read_text())["wall_s"] > 0
+    assert "train.parquet" in (out / "broken" / "seed_0" / "driver.log").read_text()  # its log is kept
+    manifest = json.loads((out / "ablation_manifest.json").read_text())
+    assert manifest["experiments"] == ["mla_only", "broken", "mla_lru_adaptive"] and manifest["seeds"] == [0]
+    assert manifest["git_commit"] and "--output-dir" in manifest["command"]
+    assert json.loads((out / "report.json").read_text())["experiments"][0]["experiment"] == "mla_lru_adaptive"
+
+    again = run_cli("--experiments-file", str(experiments), "--experiments", "mla_only", "mla_lru_adaptive",
+                    "--output-dir", str(out), "--local", *TINY)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "to run: 0, finished before: 2, conflicting: 0" in again.stdout
+    assert again.stdout.count(" skipped ") == 2
+
+    (out / "report.md").unlink()
+    assert run_cli("--report-only", "--results-dir", str(out)).returncode == 0
+    assert "mla_lru_adaptive" in (out / "report.md").read_text()
+    assert "broken seed 0: not finished" in (out / "report.md").read_text()
