@@ -111,16 +111,18 @@ def act_step(p: torch.Tensor | None, running: torch.Tensor, cumulative: torch.Te
 
     p: this iteration's halting probabilities (None in fixed mode); running: positions still iterating;
     cumulative: sum of their earlier p. -> (weight of this iteration's state in the output, positions that
-    halt now, new cumulative). A halting position's weight is its remainder R = 1 - cumulative (ACT eq. 7);
-    fixed mode halts everyone at the last iteration with weight 1.
+    halt now, their remainder R = 1 - cumulative (ACT eq. 7), new cumulative). A halting position's weight
+    is its remainder; fixed mode halts everyone at the last iteration with weight and remainder 1.
     """
     if p is None:
         halts = running & last
-        return halts.to(cumulative.dtype), halts, cumulative
+        return halts.to(cumulative.dtype), halts, torch.ones_like(cumulative), cumulative
     halts = running & ((cumulative + p >= 1 - epsilon) | last)
     zero = torch.zeros_like(p)
     weight = torch.where(halts, 1 - cumulative, torch.where(running, p, zero))
-    return weight, halts, torch.where(running & ~halts, cumulative + p, cumulative)
+    # The remainder is its own node (not read off ``weight``), so its gradient reaches ``cumulative``
+    # separately: the same sums, in the same order, as the loop written out (bitwise-equal gradients).
+    return weight, halts, 1 - cumulative, torch.where(running & ~halts, cumulative + p, cumulative)
 
 
 @dataclass
@@ -262,14 +264,16 @@ class LatentReasoningUnit(nn.Module):
                 new_state.running_sum[:, k] = sums[:, -1]
                 all_sums.append(sums)
             if bool(running.any()):
+                if diagnostics:  # first: the order of h_new's uses fixes how autograd sums its gradient
+                    trace["update_norms"][..., k] = (h_new - h).norm(dim=-1)
                 p = self._halting_probability(h_new, means) if self.adaptive else None
-                weight, halts, cumulative = act_step(p, running, cumulative, k == self.iterations - 1, self.epsilon)
+                weight, halts, rest, cumulative = act_step(p, running, cumulative, k == self.iterations - 1,
+                                                           self.epsilon)
                 output = output + weight[..., None] * h_new
                 iterations = iterations + running.to(latent.dtype)
-                remainder = torch.where(halts, weight, remainder)
+                remainder = torch.where(halts, rest, remainder)
                 if diagnostics:
                     trace["weights"][..., k] = weight
-                    trace["update_norms"][..., k] = (h_new - h).norm(dim=-1)
                     if p is not None:
                         trace["probs"][..., k] = torch.where(running, p, torch.zeros_like(p))
                 running = running & ~halts
