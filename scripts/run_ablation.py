@@ -32,7 +32,7 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,8 +228,8 @@ def run_specs(specs: list[RunSpec], walls: list[float], args: argparse.Namespace
     if args.local:
         with ThreadPoolExecutor(max_workers=1) as pool:  # one run at a time; the thread only waits on the driver
             futures = {pool.submit(execute, s, env): s for s in specs}
-            return _gather(futures, lambda fs: wait_futures(fs, timeout=args.poll)[0], Future.result, (), walls,
-                           since)
+            return _gather(futures, lambda fs: wait_futures(fs, args.poll, FIRST_COMPLETED)[0], Future.result, (),
+                           walls, since)
     import ray
 
     _init_ray(args.cpus_per_run, args.gpus_per_run)
@@ -237,7 +237,7 @@ def run_specs(specs: list[RunSpec], walls: list[float], args: argparse.Namespace
     futures = {task.remote(s, env): s for s in specs}
     try:
         # A task that died (its worker, its node) is that run's failure, not the study's.
-        return _gather(futures, lambda fs: ray.wait(fs, num_returns=len(fs), timeout=args.poll)[0], ray.get,
+        return _gather(futures, lambda fs: ray.wait(fs, num_returns=1, timeout=args.poll)[0], ray.get,
                        (ray.exceptions.RayError,), walls, since)
     except KeyboardInterrupt:
         for ref in futures:
@@ -458,7 +458,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--local", action="store_true", help="no outer Ray: run the drivers one at a time")
     parser.add_argument("--cpus-per-run", type=float, default=float(os.cpu_count() or 1),
                         help="CPUs each run's Ray task holds (default: this machine's, one run at a time here)")
-    parser.add_argument("--gpus-per-run", type=float, default=0.0, help="GPUs each run's Ray task holds")
+    parser.add_argument("--gpus-per-run", type=float, default=0.0,
+                        help="GPUs each run's Ray task holds (a CUDA run needs 1 + rollout.workers)")
     parser.add_argument("--poll", type=float, default=30.0, help="seconds between progress lines")
     parser.add_argument("--report-only", action="store_true", help="no training: the report of the finished runs")
     parser.add_argument("--results-dir", help="with --report-only: where the runs are (default: --output-dir)")
