@@ -261,6 +261,7 @@ def describe(experiment: Experiment) -> dict:
     from rl.driver import build_model_and_tokenizer  # imports Ray: only when a model is described
 
     row = {"name": experiment.name, "group": experiment.group, "description": experiment.description,
+           "base": str(experiment.base),
            "overrides": [o for o in experiment.overrides if not o.startswith("model.group=")],
            "available": experiment.unavailable is None, "reason": experiment.unavailable}
     if experiment.unavailable:

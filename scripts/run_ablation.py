@@ -401,10 +401,11 @@ def dry_run_table(rows: list[dict]) -> str:
                      _number(r["cache_bytes_per_token"]), lru_cell(r), aux_cell(r), note])
     dtypes = sorted({r["cache_dtype"] for r in rows if r["available"]})
     no_flops = any(r["available"] and r["flops_per_token"] is None for r in rows)
-    return (format_table(header, body) + f"\n\ncache bytes per token in {', '.join(dtypes)}; LRU: K iterations, "
-            "halting, conv kernel w, global halting weight g, x LRU layers; aux: stability/sparsity/ponder weights "
-            "(ponder counts only with adaptive halting)"
-            + ("; FLOPs n/a: models.param_count has no flops_per_token yet" if no_flops else ""))
+    bases = ", ".join(dict.fromkeys(r["base"] for r in rows))
+    legend = (f"cache bytes per token in {', '.join(dtypes)}; LRU: K iterations, halting, conv kernel w, global "
+              "halting weight g, x LRU layers; aux: stability/sparsity/ponder weights (ponder counts only with "
+              "adaptive halting)" + ("; FLOPs n/a: models.param_count has no flops_per_token yet" if no_flops else ""))
+    return f"base preset: {bases}\n{format_table(header, body)}\n\n{legend}"
 
 
 def final_table(rows: list[dict]) -> str:

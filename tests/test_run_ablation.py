@@ -37,7 +37,8 @@ def test_dry_run_lists_every_experiment(capsys):
     names = list(load_experiments())
     assert ablation.main(["--dry-run"]) == 0
     table = capsys.readouterr().out
-    listed = [line.split()[0] for line in table.splitlines()[2:] if line.strip() and not line.startswith("cache")]
+    assert table.startswith(f"base preset: {ablation.ROOT / 'rl/presets/tiny.yaml'}\n")
+    listed = [line.split()[0] for line in table.splitlines()[3:] if line.strip() and not line.startswith("cache")]
     assert listed == names
     if "looped" not in models.GROUPS:
         assert "not available: group looped does not exist yet" in table
