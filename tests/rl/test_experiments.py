@@ -126,6 +126,17 @@ def test_mla_only_has_no_lru_and_the_baselines_are_qwen2(built, experiments):
         assert param_count.count_params(built["baseline"].config) < param_count.count_params(matched.config)
 
 
+def test_the_controls_once_their_groups_exist(built):
+    """mla_only_matched: no LRU, the adaptive group's parameters; looped: builds (its structure is its group's)."""
+    if "mla_only_matched" not in built:
+        pytest.skip("group mla_only_matched does not exist yet")
+    model = built["mla_only_matched"]
+    assert isinstance(model, models.LatentReasoningForCausalLM) and not units(model)
+    d, layers = model.config.hidden_size, model.config.num_hidden_layers
+    target = param_count.count_params(built["mla_lru_no_global_halt"].config)
+    assert abs(param_count.count_params(model.config) - target) <= 3 * d * layers / 2
+
+
 def test_the_described_numbers_are_the_built_models(built, experiments):
     rows = {r["name"]: r for r in describe_all(list(experiments.values()))}
     for name, model in built.items():
