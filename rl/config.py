@@ -48,6 +48,9 @@ class DataConfig:
         _require(self.source in ("stream", "parquet"), "data.source", self.source, "use 'stream' or 'parquet'")
         _require(self.source != "parquet" or bool(self.train_files), "data.train_files", self.train_files,
                  "give parquet files when data.source=parquet")
+        _require(self.source == "parquet" or not (self.train_files or self.eval_files),
+                 "data.train_files/eval_files", (self.train_files, self.eval_files),
+                 "files are read only with data.source=parquet: set it, or drop them")
         _require(self.template in ("chat", "base"), "data.template", self.template, "use 'chat' or 'base'")
         _require(self.eval_size >= 1, "data.eval_size", self.eval_size, "must be >= 1")
         _require(self.validation_size >= 0, "data.validation_size", self.validation_size, "must be >= 0 (0: none)")

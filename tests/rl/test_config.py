@@ -36,6 +36,10 @@ def test_overrides_are_typed_from_yaml():
     (["rollout.backend=vllm"], r"only 'torch' exists yet"),
     (["trainer.minibatch_size=16", "trainer.micro_batch_size=32"], r"must be <= trainer.minibatch_size"),
     (["trainer.lr"], r"write it as section.field=value"),
+    (["data.eval_files=[test.parquet]"], r"data.train_files/eval_files=.*read only with data.source=parquet"),
+    (["logging.backends=[tensorbord]"], r"logging.backends=\['tensorbord'\]: unknown \['tensorbord'\]; valid backends"),
+    (["data.warm_start_targets=steps"], r"data.warm_start_targets='steps': use one of \['trace', 'answer'\]"),
+    (["trainer.warm_start_min_acc=2"], r"trainer.warm_start_min_acc=2.0: an accuracy in \[0, 1\]"),
 ])
 def test_bad_values_name_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):
