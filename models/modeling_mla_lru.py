@@ -44,14 +44,13 @@ from transformers.models.qwen2.modeling_qwen2 import (
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
-from transformers.utils import can_return_tuple, logging
+from transformers.utils import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from models.cache import LatentCache
 from models.configuration import LatentReasoningConfig
-from models.lru import EAGER_ONLY, LatentReasoningUnit, LRUResult, lru_summary
+from models.lru import LatentReasoningUnit, LRUResult, eager_under_compile, lru_summary
 
-logger = logging.get_logger(__name__)
 # generate(cache_implementation=...) values that give a LatentCache, where the LRU groups keep their state.
 DYNAMIC_CACHES = (None, "dynamic", "offloaded")
 
@@ -62,7 +61,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-@torch.compiler.disable(reason=EAGER_ONLY)  # data-dependent too, and only the LRU reads it
+@eager_under_compile  # data-dependent too, and only the LRU reads it
 def sequence_starts(position_ids: torch.Tensor, attention_mask: torch.Tensor | None, past: int, b: int,
                     t: int) -> torch.Tensor | None:
     """(B, T) bool: the new tokens where a packed row begins another sequence (position_id 0 after a real
@@ -186,7 +185,7 @@ class MLAttention(nn.Module):
                                  dropout=self.attention_dropout if self.training else 0.0, **kwargs)
         return (out[..., : self.v_dim] if pad else out), weights
 
-    def _absorbed(self, q_nope, q_rope, latent, k_rope, attention_mask) -> torch.Tensor:
+    def _absorbed(self, q_nope, q_rope, latent, k_rope, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
         """Attend in latent space: score_s = (W_UK^T q_nope) . c_s + q_rope . k_r,s; out = W_UV (sum_s a_s c_s).
         The same numbers as ``_naive`` without building per-head keys or values. For one new token per
         sequence (T = 1, as ``forward`` calls it), so a (B, 1, 1, S) mask serves every head.
