@@ -63,10 +63,12 @@ class LatentCache(GrowingCache):
     LRU state after a position cannot be recomputed from the cache: the cache holds the *refined* latents, not
     the LRU's inputs. So while recording (``activate_past_recording``, which generate() calls for those
     modes) every forward also keeps its ``LRUTrail``: the state it started from plus each iteration's input and
-    running sums at every new position, about K times the latent per token, from which the state after any
-    recorded position is rebuilt exactly. ``crop`` restores one and drops the trails (as transformers' own
-    linear-attention layers shrink back at every crop), so they cover only the tokens since the last crop.
-    A crop that needs a state that was not recorded raises, as transformers does for its conv states."""
+    running sums at every new position (K, with global halting 2K, latents per token and LRU layer), from
+    which the state after any recorded position is rebuilt exactly. ``crop`` restores one and drops the trails
+    (as transformers' own linear-attention layers shrink back at every crop), so they cover only the tokens
+    since the last crop; recording stays on, so a recording cache reused for plain decoding keeps trails
+    until its next ``crop(0)``. A crop that needs a state that was not recorded raises (leaving the cache as
+    it was), as transformers does for its conv states; so does a packed row fed while recording."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -256,13 +256,8 @@ class LatentReasoningUnit(nn.Module):
         if trail and starts is not None:
             raise ValueError("a cache that records for rollback (assisted decoding) cannot take packed rows: "
                              "its rollback could not rebuild states across a sequence start; run them unpacked")
-        state = state or self.empty_state(latent)
+        state, segments, counts, new_state = self._start(latent, valid, state, starts)
         b, t, _ = latent.shape
-        segments = None if starts is None else Segments.of(starts, self.kernel)
-        counts = None if self.halt_global is None else running_total(valid.to(latent.dtype), state.count, segments)
-        new_count = None if counts is None else state.count + valid.sum(dim=1) if segments is None else counts[:, -1]
-        new_state = LRUState(torch.empty_like(state.conv),  # every slot is written below
-                             None if state.running_sum is None else torch.empty_like(state.running_sum), new_count)
         h = torch.where(valid[..., None], latent, 0.0)  # torch.where, not a product: pad rows may hold inf/NaN
         running, cumulative = valid.clone(), latent.new_zeros(b, t)
         output, iterations, remainder = torch.zeros_like(latent), latent.new_zeros(b, t), latent.new_zeros(b, t)
@@ -302,6 +297,17 @@ class LatentReasoningUnit(nn.Module):
             report.trail = LRUTrail(state, torch.stack(states[:-1], dim=1), torch.stack(all_sums, dim=1)
                                     if all_sums else None, counts)
         return output, report, new_state
+
+    def _start(self, latent: torch.Tensor, valid: torch.Tensor, state: LRUState | None, starts: torch.Tensor | None):
+        """What a call starts from: the carried state (empty if none), the packed rows' segments (or None),
+        the (B, T) count of valid positions so far (global halting), and the new state the loop fills in."""
+        state = state or self.empty_state(latent)
+        segments = None if starts is None else Segments.of(starts, self.kernel)
+        counts = None if self.halt_global is None else running_total(valid.to(latent.dtype), state.count, segments)
+        new_count = None if counts is None else state.count + valid.sum(dim=1) if segments is None else counts[:, -1]
+        new_state = LRUState(torch.empty_like(state.conv),  # every slot is written by the loop
+                             None if state.running_sum is None else torch.empty_like(state.running_sum), new_count)
+        return state, segments, counts, new_state
 
     def _last_inputs(self, window: torch.Tensor, segments: Segments | None) -> torch.Tensor:
         """The carried state of one iteration: the last W-1 entries of its window (B, W-1, C), less those of a
