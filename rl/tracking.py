@@ -170,9 +170,13 @@ def run_info(model, group: str) -> dict:
             return None
         return out.stdout.strip() if out.returncode == 0 else None
 
+    from models.param_count import cache_bytes_per_token, flops_per_token
+
     commit = git("rev-parse", "HEAD")
     return {"group": group, "model_class": type(model).__name__, "model_type": model.config.model_type,
             "parameters": sum(p.numel() for p in model.parameters()),
+            "flops_per_token": flops_per_token(model.config),  # closed form, at most K LRU/loop iterations
+            "cache_bytes_per_token": cache_bytes_per_token(model.config, next(model.parameters()).dtype),
             "git_commit": commit, "git_dirty": bool(git("status", "--porcelain")) if commit else None,
             "python": platform.python_version(),
             "packages": {p: version(p) for p in ("torch", "transformers", "ray", "numpy", "pyarrow", "wandb")}}

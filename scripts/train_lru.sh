@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # Launch an experiment of the LRU study.
 #
-#   bash scripts/train_lru.sh [baseline|mla_only|mla_lru_fixed|mla_lru_adaptive|all] [section.field=value ...]
+#   bash scripts/train_lru.sh [GROUP|all] [section.field=value ...]
+#   GROUP: baseline mla_only mla_lru_fixed mla_lru_adaptive mla_only_matched looped
 #
 # Trains the group's model with PPO (python -m rl.driver, preset rl/presets/tiny.yaml): a supervised warm
 # start on worked solutions, then PPO on the causal-loop stream of the preset's task. With DATA_DIR set, it
 # trains and evaluates on the verl-schema parquet files there instead (generated first if missing, and the
-# reward checked on them). "all" trains the four groups one after another with the same data, budget and
+# reward checked on them). "all" trains every group one after another with the same data, budget and
 # seeds, then compares them (comparison.md). Extra arguments override config fields.
 set -euo pipefail
 
-GROUPS_VALID="baseline mla_only mla_lru_fixed mla_lru_adaptive all"
 usage() {
-  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
   cat <<USAGE
 
 Environment:
@@ -39,18 +39,18 @@ case "${1:-}" in
   *=*|"") ;;  # no group given: overrides only, or nothing
   *) GROUP="$1"; shift ;;
 esac
-if [[ " $GROUPS_VALID " != *" $GROUP "* ]]; then
-  echo "error: unknown group '$GROUP'; choose one of: $GROUPS_VALID" >&2
-  exit 2
-fi
 
 cd "$(dirname "$0")/.."
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-if ! "$PYTHON" -c "import rl.driver" >/dev/null 2>&1; then
-  echo "error: $PYTHON cannot import the project (rl.driver): run 'bash scripts/setup.sh' to make .venv," \
+if ! MODEL_GROUPS=$("$PYTHON" -c "from models.presets import GROUPS; print(' '.join(GROUPS))" 2>/dev/null); then
+  echo "error: $PYTHON cannot import the project (models, rl): run 'bash scripts/setup.sh' to make .venv," \
        "or set PYTHON to an interpreter that has it installed" >&2
+  exit 2
+fi
+if [[ " $MODEL_GROUPS all " != *" $GROUP "* ]]; then
+  echo "error: unknown group '$GROUP'; choose one of: $MODEL_GROUPS all" >&2
   exit 2
 fi
 OUTPUT_DIR="${OUTPUT_DIR:-outputs}"
@@ -95,7 +95,7 @@ train_group() {  # $1: group, $2: run directory, then overrides
 
 if [[ "$GROUP" == "all" ]]; then
   runs=()
-  for g in baseline mla_only mla_lru_fixed mla_lru_adaptive; do
+  for g in $MODEL_GROUPS; do
     train_group "$g" "$OUTPUT_DIR/$EXPERIMENT_NAME/$g" "$@"
     runs+=("$OUTPUT_DIR/$EXPERIMENT_NAME/$g")
   done

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import models
 from rl.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,11 +72,11 @@ def test_launcher_all_trains_the_four_groups_and_compares_them(tmp_path):
     result = launch("all", *BUDGET[1:], "trainer.steps=1", OUTPUT_DIR=str(tmp_path), EXPERIMENT_NAME="study")
     assert result.returncode == 0, result.stdout + result.stderr
     study = tmp_path / "study"
-    for group in ("baseline", "mla_only", "mla_lru_fixed", "mla_lru_adaptive"):
+    for group in models.GROUPS:
         info = json.loads((study / group / "run_info.json").read_text())
         assert info["group"] == group  # each group trains its own architecture
-        assert info["model_type"] == ("qwen2" if group == "baseline" else "mla_lru")
+        assert info["model_type"] == {"baseline": "qwen2", "looped": "looped_mla"}.get(group, "mla_lru")
     comparison = (study / "comparison.md").read_text()
-    assert all(f"| {g} | test |" in comparison for g in ("baseline", "mla_only", "mla_lru_adaptive"))
+    assert all(f"| {g} | test |" in comparison for g in models.GROUPS)
     params = {g: r["parameters"] for g, r in json.loads((study / "comparison.json").read_text())["runs"].items()}
     assert params["mla_only"] < params["mla_lru_adaptive"]
