@@ -1,5 +1,7 @@
 """MLA + LRU as a transformers model: exact under caching, causal, halting bookkeeping, gradients,
-save/load, generate(), RoPE variants. CPU, fp32, tiny configs."""
+save/load, RoPE variants; transformers' conventions (output_hidden_states / output_attentions, eager ==
+sdpa, return_dict=False, packed rows, gradient checkpointing, AutoModel). generate(): test_generation.py;
+cache operations: test_cache.py. CPU, fp32, tiny configs."""
 
 from __future__ import annotations
 
