@@ -44,7 +44,8 @@ cd "$(dirname "$0")/.."
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-if ! MODEL_GROUPS=$("$PYTHON" -c "from models.presets import GROUPS; print(' '.join(GROUPS))" 2>/dev/null); then
+if ! MODEL_GROUPS=$("$PYTHON" -c "import rl.driver; from models.presets import GROUPS; print(' '.join(GROUPS))" \
+                   2>/dev/null); then
   echo "error: $PYTHON cannot import the project (models, rl): run 'bash scripts/setup.sh' to make .venv," \
        "or set PYTHON to an interpreter that has it installed" >&2
   exit 2
