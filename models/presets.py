@@ -80,16 +80,30 @@ def _group_config(group: str, shape: dict, **overrides) -> LatentReasoningConfig
     return mla_config(group, shape, **overrides)
 
 
-def tiny_config(group: str, **overrides) -> PretrainedConfig:
-    """The tiny preset config of a group, ready for ``AutoModelForCausalLM.from_config``."""
+def tiny_config(group: str, match_params: bool = True, **overrides) -> PretrainedConfig:
+    """The tiny preset config of a group, ready for ``AutoModelForCausalLM.from_config``. ``match_params=False``
+    keeps the baseline's preset MLP width instead of solving it to ``mla_lru_adaptive``'s parameter count.
+    An override that is not a field of the group's config is refused (configs keep unknown keys silently)."""
     if group not in GROUPS:
         raise ValueError(f"group={group!r}: valid groups are {list(GROUPS)}")
+    _check_fields(group, overrides)
     if group != "baseline":
         return _group_config(group, {**TINY, **TINY_MLA}, **overrides)
+    if not match_params:
+        return Qwen2Config(**{**TINY, **TINY_BASELINE, **overrides})
     # Match against the adaptive model with the same shared overrides (a tokenizer's vocabulary, say).
     shared = {k: v for k, v in overrides.items() if k in TINY or k.endswith("token_id")}
     target = mla_config("mla_lru_adaptive", {**TINY, **TINY_MLA}, **shared)
     return matched_baseline(target, Qwen2Config(**{**TINY, **TINY_BASELINE}), **overrides)
+
+
+def _check_fields(group: str, overrides: dict) -> None:
+    known = set(_group_config(group, {**TINY, **TINY_MLA}).to_dict()) if group != "baseline" else set(
+        Qwen2Config(**{**TINY, **TINY_BASELINE}).to_dict())
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        own = sorted(known - set(PretrainedConfig().to_dict()))
+        raise ValueError(f"model overrides {unknown} are not fields of the {group} config; its own fields are {own}")
 
 
 def qwen25_05b_shaped(group: str) -> PretrainedConfig:

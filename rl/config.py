@@ -63,9 +63,12 @@ class ModelConfig:
     group: str = "mla_lru_adaptive"
     path: str | None = None  # a local transformers checkpoint; None: the group's tiny preset from scratch
     overrides: dict = field(default_factory=dict)  # config fields of the tiny preset
+    match_params: bool = True  # baseline only: solve its MLP width to mla_lru_adaptive's parameter count
 
     def __post_init__(self) -> None:
         _require(self.group in GROUPS, "model.group", self.group, f"valid groups are {list(GROUPS)}")
+        _require(self.match_params or self.group == "baseline", "model.match_params", self.match_params,
+                 "only the baseline is parameter-matched; drop it for other groups")
 
 
 @dataclass

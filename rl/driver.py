@@ -57,8 +57,9 @@ def build_model_and_tokenizer(cfg: ExperimentConfig):
         return model, AutoTokenizer.from_pretrained(path)
     tokenizer = build_tokenizer()
     vocab = -(-len(tokenizer) // 8) * 8  # a multiple of 8
-    config = models.tiny_config(cfg.model.group, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=tokenizer.eos_token_id, **cfg.model.overrides)
+    config = models.tiny_config(cfg.model.group, match_params=cfg.model.match_params, vocab_size=vocab,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                **cfg.model.overrides)
     torch.manual_seed(cfg.trainer.seed)
     return AutoModelForCausalLM.from_config(config), tokenizer
 

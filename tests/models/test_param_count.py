@@ -179,3 +179,12 @@ def test_flops_formula_equals_torchs_flop_counter(group, overrides):
 def test_bad_flop_arguments_say_what_is_wrong(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_unmatched_baseline_keeps_the_preset_width_and_unknown_overrides_are_refused():
+    from models.presets import TINY, tiny_config
+
+    assert tiny_config("baseline", match_params=False).intermediate_size == TINY["intermediate_size"]
+    assert count_params(tiny_config("baseline", match_params=False)) < count_params(tiny_config("baseline"))
+    with pytest.raises(ValueError, match=r"\['lru_iters'\] are not fields of the mla_lru_adaptive config"):
+        tiny_config("mla_lru_adaptive", lru_iters=8)  # a typo would otherwise train the default K silently
