@@ -50,9 +50,9 @@ def build_model_and_tokenizer(cfg: ExperimentConfig):
         if not (path / "config.json").is_file():
             raise ValueError(f"model.path={cfg.model.path!r}: no transformers checkpoint there (no config.json)")
         model = AutoModelForCausalLM.from_pretrained(path)
-        is_mla = isinstance(model, models.LatentReasoningForCausalLM)
-        if cfg.model.group != "baseline" and not is_mla:
-            raise ValueError(f"model.group={cfg.model.group!r} needs an MLA checkpoint, but {path} is "
+        expected = {"looped": models.LoopedForCausalLM}.get(cfg.model.group, models.LatentReasoningForCausalLM)
+        if cfg.model.group != "baseline" and not isinstance(model, expected):
+            raise ValueError(f"model.group={cfg.model.group!r} needs a {expected.__name__} checkpoint, but {path} is "
                              f"{model.config.model_type}: converting a pretrained GQA model to MLA does not exist yet")
         return model, AutoTokenizer.from_pretrained(path)
     tokenizer = build_tokenizer()
