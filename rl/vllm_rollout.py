@@ -28,6 +28,7 @@ generators have no offset to rewind), so they are not used.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -44,6 +45,11 @@ INSTALL_HINT = ("the vllm rollout backend needs vLLM in this environment: on CPU
                 "in a separate virtual environment (then `pip uninstall -y torchvision torchaudio torchcodec`: their "
                 "CUDA builds break `import transformers`), on GPU `pip install -e '.[vllm]'`; or use "
                 "rollout.backend=torch")
+
+
+# What save_pretrained writes for the groups vLLM serves: the baseline (vLLM's own Qwen2) and every MLA group
+# (models/vllm). The looped control (LoopedForCausalLM) has no vLLM model.
+SERVED_ARCHITECTURES = ("Qwen2ForCausalLM", "LatentReasoningForCausalLM")
 
 
 def import_vllm():
@@ -203,9 +209,14 @@ class VLLMRolloutEngine:
 
 
 def _checkpoint_names(model_dir: Path) -> tuple[set[str], bool]:
-    """The weight names of a checkpoint directory, and whether its lm_head is tied to the embedding."""
-    import json
-
+    """The weight names of a checkpoint directory, and whether its lm_head is tied to the embedding; a
+    checkpoint of an architecture without a vLLM model here is refused."""
+    config = json.loads((model_dir / "config.json").read_text())
+    architectures = config.get("architectures") or []
+    if not set(architectures) & set(SERVED_ARCHITECTURES):
+        raise ValueError(f"{model_dir}: architecture {architectures} has no vLLM model here (it serves "
+                         f"{list(SERVED_ARCHITECTURES)}: the baseline and the MLA groups, not the looped control); "
+                         f"use rollout.backend=torch")
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise ValueError(f"{model_dir}: no *.safetensors weights (write the checkpoint with save_pretrained)")
@@ -213,5 +224,4 @@ def _checkpoint_names(model_dir: Path) -> tuple[set[str], bool]:
     for path in files:
         with safe_open(str(path), "pt") as f:
             names |= set(f.keys())
-    config = json.loads((model_dir / "config.json").read_text())
     return names, bool(config.get("tie_word_embeddings", False))

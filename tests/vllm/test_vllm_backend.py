@@ -30,8 +30,11 @@ CASES = {
     "mla_only": ("mla_only", {}, 1.0),
     "mla_lru_fixed": ("mla_lru_fixed", {}, 1.0),
     "mla_lru_adaptive": ("mla_lru_adaptive", {}, 1.0),
-    # global halting (running means in the state), and an engine at 0.7: vLLM's processed logprobs
-    "mla_lru_adaptive_global": ("mla_lru_adaptive", {"lru_global_halting": 0.5}, 0.7),
+    # The other options in one engine: global halting (running sums in the LRU state), the LRU on some layers
+    # only, low-rank queries, biases, a latent whose head (C + R = 56) is zero-padded to 64; sampled at 0.7,
+    # where the engine returns vLLM's processed logprobs.
+    "mla_lru_options": ("mla_lru_adaptive", {"lru_global_halting": 0.5, "lru_layers": [1, 3], "q_lora_rank": 32,
+                                             "attention_bias": True, "kv_lora_rank": 40}, 0.7),
 }
 BLOCK = 32  # KV block (and LRU state checkpoint) size: a prompt longer than a block can hit the prefix cache
 TOLERANCE = 1e-4
@@ -132,7 +135,10 @@ def test_seeds_stops_and_weight_names(served):
         engine.load_weights({k: v for k, v in model.state_dict().items() if "lru" not in k})
 
 
-@pytest.mark.parametrize("group", models.GROUPS)
+SERVED_GROUPS = [g for g in models.GROUPS if g != "looped"]  # the looped control has no vLLM model
+
+
+@pytest.mark.parametrize("group", SERVED_GROUPS)
 def test_a_saved_checkpoint_configures_vllm_with_nothing_else_to_do(group, tmp_path):
     """What vllm.LLM(model=dir) resolves (no engine started): our architecture and the hooks' geometry."""
     AutoModelForCausalLM.from_config(models.tiny_config(group)).save_pretrained(tmp_path)
@@ -142,5 +148,11 @@ def test_a_saved_checkpoint_configures_vllm_with_nothing_else_to_do(group, tmp_p
         return
     assert config.architecture == "LatentReasoningForCausalLM"
     assert config.get_head_size() == 80 and config.get_total_num_kv_heads() == 1  # C + R = 64 + 16, one KV head
-    assert config.is_hybrid == (group != "mla_only")  # the LRU's state is what makes it a hybrid
+    assert config.is_hybrid == config.hf_config.use_lru  # the LRU's state is what makes it a hybrid
     assert config.enforce_eager
+
+
+def test_a_model_without_a_vllm_twin_is_refused_before_the_engine_starts(tmp_path):
+    AutoModelForCausalLM.from_config(models.tiny_config("looped")).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="rollout.backend=torch"):
+        VLLMRolloutEngine(tmp_path, pad_token_id=0)
