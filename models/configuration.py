@@ -24,8 +24,10 @@ class LatentReasoningConfig(PretrainedConfig):
     ``lru_max_iterations``); ``lru_conv_kernel`` (positions each iteration reads, the current one included);
     ``lru_act_epsilon`` (halt once the cumulative halting probability reaches 1 - epsilon);
     ``lru_global_halting`` (weight of a per-sequence halting signal pooled causally over the positions so
-    far, mixed into each position's halting probability; 0 disables it); auxiliary loss weights
-    ``lru_stability_weight``, ``lru_sparsity_weight``, ``lru_ponder_weight``; ``lru_update_gate_bias``
+    far, mixed into each position's halting probability; 0 disables it); auxiliary loss weights, the
+    design's by default (models/lru.py, ``lru_summary``): ``lru_stability_weight`` 0.1 (updates must not grow
+    across iterations), ``lru_sparsity_weight`` 0.01 (Hoyer-square of the output), ``lru_ponder_weight``
+    0.001 (ACT's ponder cost N + R, adaptive halting only); ``lru_update_gate_bias``
     (initial bias of the GRU update gate: negative starts the unit close to the identity).
     """
 
@@ -62,9 +64,9 @@ class LatentReasoningConfig(PretrainedConfig):
     lru_conv_kernel: int = 3
     lru_act_epsilon: float = 0.01
     lru_global_halting: float = 0.0
-    lru_stability_weight: float = 0.01
-    lru_sparsity_weight: float = 0.0
-    lru_ponder_weight: float = 0.01
+    lru_stability_weight: float = 0.1
+    lru_sparsity_weight: float = 0.01
+    lru_ponder_weight: float = 0.001
     lru_update_gate_bias: float = -2.0
 
     def __post_init__(self, **kwargs):

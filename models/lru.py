@@ -99,6 +99,10 @@ class LRUResult:
     remainder: torch.Tensor  # (B, T) ACT remainder R (1 in fixed mode)
     # The diagnostics below are None when the call was made with diagnostics=False (fast decoding).
     weights: torch.Tensor | None = None  # (B, T, K) weight of each iteration's state in the output; sums to 1
+    # (B, T) growth of the update across iterations, sum_k relu(|d_k|^2 - |d_{k-1}|^2) / |latent|^2 with
+    # d_k = h^k - h^{k-1}: 0 while each update is no larger than the one before (the residual shrinks), so
+    # a position that halts after one iteration is not pushed to do nothing (the design's stability term).
+    stability: torch.Tensor | None = None
     last_update: torch.Tensor | None = None  # (B, T) squared size of the last update relative to the input latent
     sparsity: torch.Tensor | None = None  # (B, T) Hoyer-square of the output divided by C, in [1/C, 1]
     convergence: torch.Tensor | None = None  # (B, T) |last update| / |first update|
@@ -323,6 +327,8 @@ class LatentReasoningUnit(nn.Module):
             iterations=iterations,
             remainder=remainder * valid,
             weights=trace["weights"],
+            stability=(norms[..., 1:].square() - norms[..., :-1].square()).clamp(min=0).sum(-1)
+            / (latent.square().sum(-1) + 1e-6) * valid,  # an iteration not run has norm 0: no growth counted
             last_update=last.square() / (latent.square().sum(-1) + 1e-6) * valid,
             sparsity=output.abs().sum(-1).square() / (output.square().sum(-1) * latent.shape[-1] + 1e-12) * valid,
             convergence=last / (norms[..., 0] + 1e-6) * valid,
@@ -335,7 +341,7 @@ def lru_summary(results: list[LRUResult], valid: torch.Tensor, config: LatentRea
 
     ``valid`` is the (B, T) mask of real tokens, or float weights per position: a trainer that runs a shared
     prompt once for n samples weighs its positions by n, so the means equal those of the n full forwards.
-    -> (aux loss, {"last_update", "sparsity", "ponder"}, {"iterations_mean", "iterations_max", "ponder",
+    -> (aux loss, {"stability", "sparsity", "ponder"}, {"iterations_mean", "iterations_max", "ponder",
     "convergence", "halting_distribution" (K,)}, iterations (L, B, T))."""
     weight = valid.to(results[0].iterations.dtype)
     n = weight.sum().clamp(min=1e-12)
@@ -348,9 +354,10 @@ def lru_summary(results: list[LRUResult], valid: torch.Tensor, config: LatentRea
         return mean([getattr(r, name) for r in results])
 
     ponder = mean([r.iterations + r.remainder for r in results])
-    terms = {"last_update": field_mean("last_update"), "sparsity": field_mean("sparsity"), "ponder": ponder}
-    # lru_stability_weight weighs the size of the last update (the term's design meaning is issue 13's).
-    aux = (config.lru_stability_weight * terms["last_update"] + config.lru_sparsity_weight * terms["sparsity"]
+    terms = {"stability": field_mean("stability"), "sparsity": field_mean("sparsity"), "ponder": ponder}
+    # The design's weights (configuration.py): stability 0.1, sparsity 0.01, ponder 0.001 (adaptive only:
+    # in fixed mode the ponder cost is the constant K + 1).
+    aux = (config.lru_stability_weight * terms["stability"] + config.lru_sparsity_weight * terms["sparsity"]
            + (config.lru_ponder_weight * ponder if config.lru_halting == "adaptive" else 0.0))
     iterations = torch.stack([r.iterations for r in results])  # (L, B, T)
     counts = F.one_hot(iterations.long().clamp(min=1) - 1, config.lru_max_iterations).to(weight.dtype)  # (L,B,T,K)

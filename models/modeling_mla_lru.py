@@ -236,7 +236,7 @@ class LatentReasoningOutput(CausalLMOutputWithPast):
     """``CausalLMOutputWithPast`` plus the LRU's auxiliary loss, its terms and its statistics.
 
     aux_loss: weighted sum of the terms (already included in ``loss`` when labels are given).
-    aux_terms: {"last_update", "sparsity", "ponder"}: means over valid positions and LRU layers.
+    aux_terms: {"stability", "sparsity", "ponder"}: means over valid positions and LRU layers.
     lru_stats: {"iterations_mean", "iterations_max", "ponder", "convergence", "halting_distribution" (K,)}.
     lru_iterations: (L_lru, B, T) iterations run at every position of every LRU layer (0 at pads).
     lru_results, valid: each LRU layer's per-position report and the (B, T) mask of real tokens, for a

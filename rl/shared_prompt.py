@@ -21,7 +21,7 @@ from models import ValueHeadModel, position_ids_from_mask
 from models.lru import LRUResult, lru_summary
 
 # The per-position fields lru_summary reads.
-_SUMMARY_FIELDS = ("iterations", "remainder", "last_update", "sparsity", "convergence")
+_SUMMARY_FIELDS = ("iterations", "remainder", "stability", "sparsity", "convergence")
 
 
 @dataclass

@@ -217,7 +217,7 @@ def test_aux_loss_and_stats_on_every_forward(training, use_cache):
     ids, mask, positions = left_padded_batch()
     out = model(ids, attention_mask=mask, position_ids=positions, use_cache=use_cache, labels=ids)
     assert out.aux_loss is not None and torch.isfinite(out.aux_loss)
-    assert set(out.aux_terms) == {"last_update", "sparsity", "ponder"}
+    assert set(out.aux_terms) == {"stability", "sparsity", "ponder"}
     stats = out.lru_stats
     assert 1 <= stats["iterations_mean"] <= stats["iterations_max"] <= 4
     assert stats["halting_distribution"].sum() == pytest.approx(1.0)
@@ -497,3 +497,21 @@ def test_auto_model_is_the_backbone_and_round_trips(group, overrides, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(ids, **inputs).last_hidden_state, base(ids, **inputs).last_hidden_state)
         assert torch.equal(backbone.eval()(ids, **inputs).last_hidden_state, lm.model(ids, **inputs).last_hidden_state)
+
+
+def test_stability_term_penalises_growing_updates_only():
+    """The design's stability term: sum_k relu(|d_k|^2 - |d_{k-1}|^2) / |latent|^2, by hand on traced norms;
+    a position whose updates shrink, or that halts after one iteration, costs nothing."""
+    from models.lru import LatentReasoningUnit
+
+    config = models.tiny_config("mla_lru_fixed")
+    unit = LatentReasoningUnit(config)
+    latent = torch.full((1, 3, config.kv_lora_rank), 0.5)  # |latent|^2 = 64 * 0.25 = 16
+    norms = torch.tensor([[[2.0, 1.0, 0.5, 0.2], [1.0, 2.0, 1.0, 3.0], [1.0, 0.0, 0.0, 0.0]]])
+    trace = {"update_norms": norms, "weights": torch.zeros(1, 3, 4), "probs": torch.zeros(1, 3, 4)}
+    iterations = torch.tensor([[4.0, 4.0, 1.0]])
+    report = unit._report(latent, torch.ones(1, 3, dtype=torch.bool), latent, iterations, torch.ones(1, 3), trace)
+    # row 0 shrinks: 0; row 1: (4 - 1) + 0 + (9 - 1) = 11, over 16; row 2 halted after one iteration: 0
+    assert torch.allclose(report.stability, torch.tensor([[0.0, 11 / (16 + 1e-6), 0.0]]))
+    assert config.lru_stability_weight == 0.1 and config.lru_sparsity_weight == 0.01
+    assert config.lru_ponder_weight == 0.001

@@ -29,8 +29,8 @@ ABLATIONS = {"mla_lru_no_pos_mix": {"lru_conv_kernel": 1}, "mla_lru_no_global_ha
              "mla_lru_iter_2": {"lru_max_iterations": 2}, "mla_lru_iter_4": {},
              "mla_lru_iter_8": {"lru_max_iterations": 8}, "mla_lru_iter_16": {"lru_max_iterations": 16},
              "mla_lru_no_stability": {"lru_stability_weight": 0.0},
-             "mla_lru_high_stability": {"lru_stability_weight": 0.1}, "mla_lru_no_ponder": {"lru_ponder_weight": 0.0},
-             "mla_lru_high_ponder": {"lru_ponder_weight": 0.1}}
+             "mla_lru_high_stability": {"lru_stability_weight": 1.0}, "mla_lru_no_ponder": {"lru_ponder_weight": 0.0},
+             "mla_lru_high_ponder": {"lru_ponder_weight": 0.01}}
 
 
 @pytest.fixture(scope="module")
