@@ -15,7 +15,7 @@ import models  # noqa: F401  (registers mla_lru with the Auto classes in every a
 from models import ValueHeadModel
 from rl import checkpoint
 from rl.reward_scorer import RewardRunner, ScoredBatch
-from rl.rollout import RolloutBatch, SamplingParams, TorchRolloutEngine
+from rl.rollout import RolloutBatch, SamplingParams, TorchRolloutEngine, logprob_parity
 from rl.sft import sft_step, warm_start_optimizer
 from rl.trainer import PPOSettings, PPOTrainer
 
@@ -35,9 +35,16 @@ class RolloutWorker:
     """Holds a copy of the policy; generates; takes new weights every step. Not restarted when it dies: a
     restarted worker would sample from its initial weights; the driver reports the death and stops."""
 
-    def __init__(self, config, state_dict: dict, pad_token_id: int, device: str):
+    def __init__(self, config, state_dict: dict, pad_token_id: int, device: str, backend: str = "torch",
+                 temperature: float = 1.0, vllm_kwargs: dict | None = None):
         _threads()
-        self.engine = TorchRolloutEngine(_model_from(config, state_dict, device), pad_token_id)
+        if backend == "vllm":
+            from rl.vllm_rollout import VLLMRolloutEngine  # imported only when used: vLLM is an optional extra
+
+            model = _model_from(config, state_dict, "cpu")  # saved for the engine, which places it itself
+            self.engine = VLLMRolloutEngine(model, pad_token_id, temperature=temperature, **(vllm_kwargs or {}))
+        else:
+            self.engine = TorchRolloutEngine(_model_from(config, state_dict, device), pad_token_id)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> RolloutBatch:
         batch = self.engine.generate(prompts, params, seeds)
@@ -47,6 +54,8 @@ class RolloutWorker:
         self.engine.load_weights(state_dict)
 
     def weights_checksum(self) -> float:
+        if not hasattr(self.engine, "model"):  # the vLLM engine: its logprob parity is the sync check
+            raise NotImplementedError("the vllm backend has no checksum; see rollout/logprob_diff_*")
         return _checksum(self.engine.model)
 
 
@@ -115,11 +124,14 @@ class TrainerWorker:
         self.policy.eval()
         self.pending = self.trainer.logprobs_and_values(_to(rollout, self.device))
         self.pending_index = rollout.prompt_index.to(self.device)
+        # The rollout's logprobs against the trainer's (as verl logs them): drift between the backends shows.
+        self.parity = {} if self.settings.old_logprobs_from_rollout else logprob_parity(
+            rollout.logprobs, self.pending.old_logprobs.cpu(), rollout.response_mask)
 
     def update(self, scores: list[float], seed: int) -> dict[str, float]:
         exp = self.trainer.add_scores(self.pending, torch.tensor(scores, device=self.device), self.pending_index)
         self.policy.train()
-        metrics = self.trainer.update(exp, generator=torch.Generator().manual_seed(seed))
+        metrics = {**self.trainer.update(exp, generator=torch.Generator().manual_seed(seed)), **self.parity}
         self.policy.eval()
         self.pending = None
         return metrics

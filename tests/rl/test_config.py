@@ -33,7 +33,8 @@ def test_overrides_are_typed_from_yaml():
     (["trainer.steps=true"], r"trainer.steps=True: expected int"),
     (["model.group=gpt"], r"model.group='gpt': valid groups are"),
     (["algorithm.agg=mean"], r"algorithm.agg='mean': valid modes are"),
-    (["rollout.backend=vllm"], r"only 'torch' exists yet"),
+    (["rollout.backend=sglang"], r"rollout.backend='sglang': use 'torch' or 'vllm'"),
+    (["rollout.backend=vllm"], r"rollout.backend=vllm: the vllm rollout backend needs vLLM"),  # not in this env
     (["trainer.minibatch_size=16", "trainer.micro_batch_size=32"], r"must be <= trainer.minibatch_size"),
     (["trainer.lr"], r"write it as section.field=value"),
     (["data.eval_files=[test.parquet]"], r"data.train_files/eval_files=.*read only with data.source=parquet"),
