@@ -253,15 +253,6 @@ class LoopedModel(LoopedPreTrainedModel):
             for k in range(last + 1, cfg.loop_iterations):
                 cache.update(keys, values, cfg.virtual_index(layer, k))
 
-    def _output_attentions(self, kwargs: dict) -> bool:
-        """Whether to return attention weights (taken out of ``kwargs``: not an attention-function argument)."""
-        wanted = kwargs.pop("output_attentions", None)
-        wanted = bool(self.config.output_attentions if wanted is None else wanted)
-        if wanted and self.config._attn_implementation not in ("eager", "sdpa"):
-            raise ValueError(f"output_attentions=True with attn_implementation={self.config._attn_implementation!r}: "
-                             "its kernels return no weights; load the model with attn_implementation='sdpa' or 'eager'")
-        return wanted
-
     def _cache(self, use_cache: bool | None, cache: Cache | None) -> Cache | None:
         """The cache this forward reads and writes (one layer per virtual layer), a new one, or None."""
         if self.gradient_checkpointing and self.training:

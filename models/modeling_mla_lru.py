@@ -291,6 +291,16 @@ class LatentReasoningPreTrainedModel(PreTrainedModel):
                              "use_reentrant=False")
         super().gradient_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
+    def _output_attentions(self, kwargs: dict) -> bool:
+        """Whether to return attention weights (taken out of ``kwargs``: not an attention-function argument).
+        Shared by the backbones (this one and the looped control)."""
+        wanted = kwargs.pop("output_attentions", None)
+        wanted = bool(self.config.output_attentions if wanted is None else wanted)
+        if wanted and self.config._attn_implementation not in ("eager", "sdpa"):
+            raise ValueError(f"output_attentions=True with attn_implementation={self.config._attn_implementation!r}: "
+                             "its kernels return no weights; load the model with attn_implementation='sdpa' or 'eager'")
+        return wanted
+
 
 class LatentReasoningModel(LatentReasoningPreTrainedModel):
     def __init__(self, config: LatentReasoningConfig):
@@ -329,15 +339,6 @@ class LatentReasoningModel(LatentReasoningPreTrainedModel):
                 results.append(lru_result)
         return LatentReasoningModelOutput(last_hidden_state=self.norm(x), past_key_values=past_key_values,
                                           lru_results=results, valid=valid)
-
-    def _output_attentions(self, kwargs: dict) -> bool:
-        """Whether to return attention weights (taken out of ``kwargs``: not an attention-function argument)."""
-        wanted = kwargs.pop("output_attentions", None)
-        wanted = bool(self.config.output_attentions if wanted is None else wanted)
-        if wanted and self.config._attn_implementation not in ("eager", "sdpa"):
-            raise ValueError(f"output_attentions=True with attn_implementation={self.config._attn_implementation!r}: "
-                             "its kernels return no weights; load the model with attn_implementation='sdpa' or 'eager'")
-        return wanted
 
     def _cache(self, use_cache: bool | None, past_key_values: Cache | None) -> Cache | None:
         """The cache this forward reads and writes: the one passed, a new ``LatentCache`` (use_cache), or None."""
