@@ -7,12 +7,19 @@ One step, as in the PPO paper's algorithm box (Schulman et al. 2017, Alg. 1) wit
                                 advantages by GAE with the critic, or group-normalised scores (GRPO)
     update(experience):         for each epoch, for each shuffled minibatch, accumulate over micro-batches
                                 the clipped policy loss - entropy bonus (+ beta * KL loss) + LRU aux loss
-                                and the clipped value loss; clip gradients; AdamW step with warm-up.
-                                A non-finite loss or gradient skips the step and is counted.
+                                and the clipped value loss + the critic's LRU aux loss; clip the actor's and
+                                the critic's gradients each to its own norm; AdamW steps with warm-up.
+                                A non-finite loss or gradient norm skips the step (both models) and is counted.
+
+With one minibatch per step and one epoch (``PPOSettings.is_on_policy_single_update``) the update is
+on-policy: the only optimizer step sees the policy that sampled, every ratio is 1 and nothing is clipped,
+so "PPO" is REINFORCE with a baseline (the critic, or the group mean under GRPO). The metrics say so:
+``updates_per_step`` counts the optimizer steps of a PPO step and ``clipfrac`` stays 0.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -53,6 +60,16 @@ class PPOSettings:
     max_bad_steps: int = TrainerConfig.max_bad_steps  # consecutive non-finite updates before the run stops
     old_logprobs_from_rollout: bool = AlgorithmConfig.old_logprobs_from_rollout  # skip the old-logprob forward
     share_prompt: bool = TrainerConfig.share_prompt  # run each distinct prompt once per micro-batch
+
+    def updates_per_step(self, rows: int) -> int:
+        """Optimizer steps one PPO step takes on a batch of ``rows`` responses: epochs x minibatches."""
+        return self.epochs * -(-rows // self.minibatch_size)
+
+    def is_on_policy_single_update(self, rows: int) -> bool:
+        """True when a batch of ``rows`` responses gets one optimizer step (one minibatch, one epoch): that step
+        starts from the sampling policy, so every ratio is 1, the clip never acts, and the update is REINFORCE
+        with a baseline rather than PPO (Schulman et al. 2017, sec. 3, needs several steps on one batch)."""
+        return self.updates_per_step(rows) == 1
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> PPOSettings:
@@ -116,9 +133,9 @@ class PPOTrainer:
     def _logprobs(self, logits: torch.Tensor, exp: Experience) -> torch.Tensor:
         return core.logprobs_from_logits(logits, exp.input_ids[:, -exp.response_mask.shape[1]:])
 
-    def _values(self, exp: Experience) -> torch.Tensor:
-        """The (B, R) values of the state before each response token."""
-        return self._outputs(self.critic, self.critic.lm.config, exp).outputs
+    def _values(self, exp: Experience) -> ResponseOutputs:
+        """The (B, R) values of the state before each response token, and the critic's LRU aux loss."""
+        return self._outputs(self.critic, self.critic.lm.config, exp)
 
     # ---- prepare ---------------------------------------------------------------------------------------
 
@@ -140,21 +157,26 @@ class PPOTrainer:
         else:  # no KL term: skip the reference forward
             exp.ref_logprobs = exp.old_logprobs
         if self.critic is not None:
-            exp.values = self._values(exp) * mask
+            exp.values = self._values(exp).outputs * mask
         return exp
 
     @torch.no_grad()
     def add_scores(self, exp: Experience, scores: torch.Tensor, prompt_index: torch.Tensor) -> Experience:
         """Token rewards (the score on the last response token, minus beta * KL if kl_in_reward) and
         advantages: GAE with the critic, or group-normalised scores (GRPO, groups = prompt_index)."""
-        mask = exp.response_mask
+        mask, scores = exp.response_mask, scores.to(exp.response_mask)
         last = (mask.sum(1).long() - 1).clamp(min=0)
-        exp.rewards = torch.zeros_like(mask).scatter(1, last[:, None], scores.float()[:, None]) * mask
+        exp.rewards = torch.zeros_like(mask).scatter(1, last[:, None], scores[:, None]) * mask
         if self.s.kl_in_reward and self.s.kl_coef:
-            exp.rewards = exp.rewards - self.s.kl_coef * core.kl_penalty(exp.old_logprobs, exp.ref_logprobs,
-                                                                         self.s.kl_estimator) * mask
+            kl = self.s.kl_coef * core.kl_penalty(exp.old_logprobs, exp.ref_logprobs, self.s.kl_estimator) * mask
+            exp.rewards = exp.rewards - kl
+            # GRPO's outcome score is then the sequence's summed token reward, score - beta * sum_t KL_t, as in
+            # verl (ray_trainer.apply_kl_penalty feeds token_level_rewards.sum(-1) to
+            # compute_grpo_outcome_advantage). Applied rather than refused: it is the only way to put the KL
+            # in the advantage without a critic; kl_in_reward=false keeps DeepSeekMath's KL loss (sec. 4.1).
+            scores = scores - kl.sum(1)
         if self.s.advantage == "grpo":
-            exp.advantages = core.grpo_advantages(scores.float(), prompt_index, mask)
+            exp.advantages = core.grpo_advantages(scores, prompt_index.to(mask.device), mask)
             exp.returns = exp.advantages.clone()
         else:
             exp.advantages, exp.returns = core.compute_gae(exp.rewards, exp.values, mask, self.s.gamma, self.s.lam)
@@ -168,25 +190,49 @@ class PPOTrainer:
     # ---- update ----------------------------------------------------------------------------------------
 
     def update(self, exp: Experience, generator: torch.Generator | None = None) -> dict[str, float]:
-        """PPO epochs over shuffled minibatches, accumulating gradients over micro-batches."""
+        """PPO epochs over shuffled minibatches, accumulating gradients over micro-batches. Metrics are the
+        means over minibatches, plus ``updates_per_step`` (optimizer steps taken, skipped ones not counted)."""
         totals: dict[str, list[float]] = {}
-        rows = exp.response_mask.shape[0]
+        rows, updates = exp.response_mask.shape[0], 0
         for _ in range(self.s.epochs):
             # Whole prompt groups are shuffled when they share a forward, so a micro-batch holds few prompts.
             order = (group_ordered_permutation(exp.prompt_index, generator) if self.s.share_prompt
                      else torch.randperm(rows, generator=generator))
             for minibatch in order.split(self.s.minibatch_size):
-                for name, value in self._minibatch_step(exp.rows(minibatch)).items():
+                metrics, stepped = self._minibatch_step(exp.rows(minibatch))
+                updates += stepped
+                for name, value in metrics.items():
                     totals.setdefault(name, []).append(value)
         metrics = {name: sum(v) / len(v) for name, v in totals.items()}
+        metrics["updates_per_step"] = float(updates)
         metrics["skipped_steps"] = float(self.skipped_steps)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         return metrics
 
-    def _minibatch_step(self, mb: Experience) -> dict[str, float]:
-        self.optimizer.zero_grad(set_to_none=True)
+    def _minibatch_step(self, mb: Experience) -> tuple[dict[str, float], bool]:
+        """Accumulate one minibatch's gradients, clip, step. -> (metrics, whether the optimizers stepped)."""
+        self._zero_grad()
+        metrics, finite = self._accumulate(mb)
+        # Each model's gradient clipped to its own norm, as verl's actor and critic workers do: clipped together,
+        # a large value-loss gradient would shrink the policy's step (and the policy's the critic's).
+        nan = torch.tensor(float("nan"))
+        grad_norm = self._clip(self.optimizer) if finite else nan
+        critic_norm = (self._clip(self.critic_optimizer) if finite else nan) if self.critic is not None else None
+        metrics["grad_norm"] = float(grad_norm)
+        if critic_norm is not None:
+            metrics["critic_grad_norm"] = float(critic_norm)
+        if not all(math.isfinite(metrics[k]) for k in ("grad_norm", "critic_grad_norm") if k in metrics):
+            self._skip()
+            return metrics, False
+        self.bad_steps = 0
+        self.optimizer.step()
         if self.critic_optimizer is not None:
-            self.critic_optimizer.zero_grad(set_to_none=True)
+            self.critic_optimizer.step()
+        self.scheduler.step()
+        return metrics, True
+
+    def _accumulate(self, mb: Experience) -> tuple[dict[str, float], bool]:
+        """Backward of every micro-batch's loss (while all are finite). -> (metrics averaged over rows, finite)."""
         counts = {"num_tokens": mb.response_mask.sum(), "num_seqs": mb.response_mask.shape[0]}
         metrics: dict[str, float] = {}
         finite = True
@@ -198,7 +244,7 @@ class PPOTrainer:
             aux_share = part.attention_mask.sum() / mb.attention_mask.sum()
             loss, m = self._policy_loss(part, counts, aux_share)
             if self.critic is not None:
-                v_loss, vm = self._value_loss(part, counts)
+                v_loss, vm = self._value_loss(part, counts, aux_share)
                 loss = loss + v_loss
                 m.update(vm)
             finite &= bool(torch.isfinite(loss))
@@ -206,25 +252,20 @@ class PPOTrainer:
                 loss.backward()
             for name, value in m.items():
                 metrics[name] = metrics.get(name, 0.0) + float(value) * share
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        if self.critic_optimizer is not None:
-            params += [p for group in self.critic_optimizer.param_groups for p in group["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.s.max_grad_norm) if finite else torch.tensor(torch.nan)
-        if not finite or not torch.isfinite(grad_norm):
-            self._skip()
-        else:
-            self.bad_steps = 0
-            self.optimizer.step()
-            if self.critic_optimizer is not None:
-                self.critic_optimizer.step()
-            self.scheduler.step()
-        metrics["grad_norm"] = float(grad_norm)
-        return metrics
+        return metrics, finite
 
-    def _skip(self) -> None:
+    def _clip(self, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """Clip the gradients of one optimizer's parameters to ``max_grad_norm``; -> their norm before clipping."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        return torch.nn.utils.clip_grad_norm_(params, self.s.max_grad_norm)
+
+    def _zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         if self.critic_optimizer is not None:
             self.critic_optimizer.zero_grad(set_to_none=True)
+
+    def _skip(self) -> None:
+        self._zero_grad()
         self.skipped_steps += 1
         self.bad_steps += 1
         if self.bad_steps >= self.s.max_bad_steps:
@@ -254,12 +295,18 @@ class PPOTrainer:
                        entropy=core.masked_mean(entropy, mask).detach())
         return loss, metrics
 
-    def _value_loss(self, part: Experience, counts: dict) -> tuple[torch.Tensor, dict]:
-        values = self._values(part)
+    def _value_loss(self, part: Experience, counts: dict, aux_share: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Clipped value loss + the critic's own LRU aux loss (its backbone is an LRU model too: without the
+        term its halting and update gates train on the value loss alone), weighted like the policy's."""
+        out = self._values(part)
+        values = out.outputs
         loss, metrics = core.value_loss(values, part.values, part.returns, part.response_mask, self.s.value_clip,
                                         self.s.agg, **counts)
         metrics.update(value_loss=loss.detach(),
                        explained_variance=core.explained_variance(values.detach(), part.returns, part.response_mask))
+        if out.aux_loss is not None:  # already weighted by the critic's config (lru_*_weight)
+            loss = loss + out.aux_loss * aux_share
+            metrics["critic_lru_aux_loss"] = out.aux_loss.detach()
         return loss, metrics
 
     # ---- checkpointing ---------------------------------------------------------------------------------
