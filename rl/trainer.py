@@ -163,7 +163,8 @@ class PPOTrainer:
     @torch.no_grad()
     def add_scores(self, exp: Experience, scores: torch.Tensor, prompt_index: torch.Tensor) -> Experience:
         """Token rewards (the score on the last response token, minus beta * KL if kl_in_reward) and
-        advantages: GAE with the critic, or group-normalised scores (GRPO, groups = prompt_index)."""
+        advantages: GAE with the critic, or group-normalised sequence scores (GRPO, groups = prompt_index; the
+        score minus beta * the response's summed KL if kl_in_reward). scores (B,), prompt_index (B,)."""
         mask, scores = exp.response_mask, scores.to(exp.response_mask)
         last = (mask.sum(1).long() - 1).clamp(min=0)
         exp.rewards = torch.zeros_like(mask).scatter(1, last[:, None], scores[:, None]) * mask
