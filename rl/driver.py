@@ -170,7 +170,7 @@ class Run:
             self.logger.log_samples(step, self._samples(rows, batch.prompt_index.tolist(), texts, scored))
         lengths = batch.response_lengths.float()
         tokens = float(lengths.sum() + batch.prompt_mask.sum())
-        return {**{f"train/{k}": v for k, v in metrics.items()}, **times,
+        return {**{k if k.startswith("rollout/") else f"train/{k}": v for k, v in metrics.items()}, **times,
                 "reward/mean": float(np.mean(scored.scores)), "reward/std": float(np.std(scored.scores)),
                 **{f"reward/{k}": float(np.nanmean(v)) for k, v in scored.parts.items()},
                 "reward/errors": sum(e is not None for e in scored.errors),

@@ -16,7 +16,8 @@ from pathlib import Path
 
 BACKENDS = ("console", "wandb", "tensorboard")
 METRICS_FILE, WARM_START_FILE, SAMPLES_FILE = "metrics.jsonl", "warm_start.jsonl", "samples.jsonl"
-PPO_PREFIXES = ("train", "reward", "response", "time", "throughput", "eval")  # wandb plots them against "step"
+# wandb plots these against "step"
+PPO_PREFIXES = ("train", "rollout", "reward", "response", "time", "throughput", "eval")
 
 
 def _plain(value):
