@@ -266,7 +266,7 @@ def test_updates_per_step_say_when_ppo_is_a_single_on_policy_update():
 def test_four_minibatches_make_the_tiny_defaults_update_clip():
     # The tiny default (32 prompts x 8 samples, one minibatch of 256, one epoch) takes one on-policy step:
     # clipfrac 0. trainer.minibatch_size=64 makes it 4 steps on the same batch, and the later ones clip.
-    # Its model, tokenizer, prompts and response length; the model is untrained (no warm start), about 1 min.
+    # Its model, tokenizer, prompts and response length; the model is untrained (no warm start); ~10 s idle.
     from data.tokenizer import build_tokenizer
     from rl.prompts import PromptSource, encode_prompt
 
