@@ -68,7 +68,7 @@ def test_launcher_rejects_unknown_groups_and_bad_overrides(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_launcher_all_trains_the_four_groups_and_compares_them(tmp_path):
+def test_launcher_all_trains_every_group_and_compares_them(tmp_path):
     result = launch("all", *BUDGET[1:], "trainer.steps=1", OUTPUT_DIR=str(tmp_path), EXPERIMENT_NAME="study")
     assert result.returncode == 0, result.stdout + result.stderr
     study = tmp_path / "study"

@@ -13,11 +13,11 @@ import sys
 import time
 
 import pytest
-
-pytestmark = pytest.mark.slow  # five short runs of the driver, each starting Ray
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rl.tracking import WARM_START_FILE, read_metrics
+
+pytestmark = pytest.mark.slow  # five short runs of the driver, each starting Ray
 
 BUDGET = ["trainer.sft_steps=40", "trainer.sft_batch_size=2", "trainer.sft_save_every=5", "trainer.sft_eval_every=20",
           "trainer.prompts_per_step=2", "rollout.n=2", "rollout.max_new_tokens=8", "data.eval_size=2",
