@@ -60,7 +60,8 @@ def problem_keys(record: dict[str, list], where: str) -> list[str]:
         raise ValueError(f"{where}: the record has no problem key (extra_info.key) for every problem, so its "
                          "problems cannot be paired with another evaluation's; it was written before keys were kept, "
                          "or from problems without extra_info.key: re-evaluate the run's checkpoints with "
-                         "`python -m rl.evaluate` on problems that carry keys (the causal-loop generator writes them)")
+                         "`python -m rl.evaluate` CHECKPOINT --record RUN/evals/step_N.json, on problems that carry "
+                         "keys (the causal-loop generator writes them)")
     sources = record.get("data_source") or [None] * n
     ids = [json.dumps([source, key], sort_keys=True) for source, key in zip(sources, keys, strict=True)]
     if len(set(ids)) != n:

@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from models import position_ids_from_mask
 from rl import checkpoint
 from rl.config import DataConfig, RewardConfig, RolloutConfig, load_config
-from rl.heldout import evaluate_split, heldout_params, sample_seeds
+from rl.heldout import evaluate_split, heldout_params, sample_seeds, split_record
 from rl.prompts import PromptSource, encode_prompt
 from rl.report import fmt
 from rl.reward_scorer import RewardRunner
@@ -135,7 +135,7 @@ def evaluate_set(model, tokenizer, scorer: RewardRunner, name: str, rows: list[d
     result = {"problems": len(rows), "greedy_acc": float(split.acc.mean()), "greedy_score": float(split.scores.mean()),
               "greedy_acc_by": _breakdown(rows, split.acc), "sampled_acc": float(split.acc_sampled.mean()),
               "response_length_mean": float(split.greedy.response_lengths.float().mean()),
-              "greedy_responses": split.texts}
+              "greedy_responses": split.texts, "record": split_record(rows, split)}
     if samples:
         batch = engine.generate(prompts, replace(params[1], n=samples), sample_seeds(seed, name, len(rows)))
         correct = np.asarray(score([rows[i] for i in batch.prompt_index.tolist()], decode(batch)).accuracy())
@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reward", default=None, help="reward function module:fn (default: the run's)")
     parser.add_argument("--seed", type=int, help="sampling seed (default: the run's trainer.seed, else 0)")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--record", help="also write the per-problem records, as a run's evals/step_N.json holds them "
+                                         "(problem keys included: what rl.compare pairs)")
     args = parser.parse_args(argv)
     samples = args.k if args.samples is None else args.samples
     if args.k < 1 or (samples and samples < args.k):
@@ -208,7 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     scorer = RewardRunner(reward, cfg.reward.kwargs if cfg else {})
     results = {name: evaluate_set(model, tokenizer, scorer, name, rows, template, args.k, samples, rollout, seed)
                for name, rows in sets.items()}
+    records = {name: result.pop("record") for name, result in results.items()}
     print(f"model: {model_dir}\n\n{markdown(results, args.k)}")
+    if args.record:
+        Path(args.record).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.record).write_text(json.dumps(records))
     if args.out:
         Path(args.out).write_text(json.dumps({"model": str(model_dir), "k": args.k, "samples": samples,
                                               "sets": results}, indent=2))

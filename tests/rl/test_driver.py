@@ -62,7 +62,9 @@ def test_run_writes_checkpoints_metrics_and_syncs_weights(tmp_path):
     assert sum(final["test"]["acc"]) / len(final["test"]["acc"]) == pytest.approx(rows[2]["eval/test/acc"])
     assert final["test"]["key"] == [row["extra_info"]["key"] for row in r.data.eval_sets["test"]]
     # The evaluation command on the run's last checkpoint reproduces what the run logged.
-    assert evaluate_main([str(tmp_path), "--samples", "0", "--out", str(tmp_path / "eval.json")]) == 0
+    assert evaluate_main([str(tmp_path), "--samples", "0", "--out", str(tmp_path / "eval.json"),
+                          "--record", str(tmp_path / "record.json")]) == 0
+    assert json.loads((tmp_path / "record.json").read_text()) == final  # the record the run wrote, reproduced
     again = json.loads((tmp_path / "eval.json").read_text())["sets"]
     for split in ("test", "test_more_vars"):
         assert again[split]["greedy_acc"] == rows[2][f"eval/{split}/acc"]
