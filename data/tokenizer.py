@@ -28,9 +28,11 @@ CHAT_TEMPLATE = (
 
 
 def _corpus_pieces() -> set[str]:
-    """Every piece the task's texts use: all levels, both semantics, base and chat templates."""
+    """Every piece the task's texts use: all levels, both semantics, both question styles, base and chat
+    templates."""
     batch = generate(TaskConfig(num_vars=(3, 8), num_steps=(1, 8)), 2000, seed=0)
     texts = render.questions(batch).to_pylist() + render.solutions(batch).to_pylist()
+    texts += render.compact_questions(batch).to_pylist()
     texts += render.base_prompts(render.questions(batch.take(slice(0, 10)))).to_pylist()
     texts += ["user: ", "assistant:", "system: "]
     pieces = {p for text in texts for p in re.findall(PIECE, text)}

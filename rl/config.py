@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from data.causal_loop.dataset import QUESTION_STYLES
 from models.presets import GROUPS
 from rl.core import AGG_MODES, KL_ESTIMATORS
 from rl.tracking import BACKENDS
@@ -41,6 +42,8 @@ class DataConfig:
     validation_size: int = 0  # a validation split (stream only) to tune on; then test is evaluated only at
     # step 0 and at the end, and the evaluations in between use validation alone
     template: str = "chat"
+    question_style: str = "full"  # "compact": the question without the instructions' prose (a third of the
+    # tokens; data/causal_loop/problem.py, compact_question), for models trained from scratch
     warm_start_targets: str = "trace"  # "trace": worked solutions; "answer": the final state only (the
     # steps must then be computed inside the model, the setting the LRU is for)
     seed: int = 0
@@ -53,6 +56,11 @@ class DataConfig:
                  "data.train_files/eval_files", (self.train_files, self.eval_files),
                  "files are read only with data.source=parquet: set it, or drop them")
         _require(self.template in ("chat", "base"), "data.template", self.template, "use 'chat' or 'base'")
+        _require(self.question_style in QUESTION_STYLES, "data.question_style", self.question_style,
+                 f"use one of {list(QUESTION_STYLES)}")
+        _require(self.source == "stream" or self.question_style == "full", "data.question_style",
+                 self.question_style, "parquet files carry their own prompts: set the style when writing them "
+                 "(python -m data.causal_loop --question_style)")
         _require(self.eval_size >= 1, "data.eval_size", self.eval_size, "must be >= 1")
         _require(self.validation_size >= 0, "data.validation_size", self.validation_size, "must be >= 0 (0: none)")
         _require(self.warm_start_targets in WARM_START_TARGETS, "data.warm_start_targets", self.warm_start_targets,

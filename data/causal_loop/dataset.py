@@ -29,6 +29,7 @@ from data.causal_loop.generator import ProblemBatch, canonical_keys, concat, non
 
 DATA_SOURCE = "causal_loop"
 TEMPLATES = ("chat", "base")
+QUESTION_STYLES = ("full", "compact")  # the question with its instructions' prose, or without (compact_question)
 
 
 def generate(cfg: TaskConfig, n: int, seed: int) -> ProblemBatch:
@@ -115,13 +116,15 @@ def build_splits(cfg: TaskConfig, num_train: int, num_test: int, seed: int,
 
 
 def to_table(batch: ProblemBatch, split: str, keys: np.ndarray | None = None, template: str = "chat",
-             index_offset: int = 0) -> pa.Table:
+             index_offset: int = 0, question_style: str = "full") -> pa.Table:
     """verl-schema rows of a batch (see the module docstring)."""
     if template not in TEMPLATES:
         raise ValueError(f"template={template!r}: valid templates are {list(TEMPLATES)}")
+    if question_style not in QUESTION_STYLES:
+        raise ValueError(f"question_style={question_style!r}: valid styles are {list(QUESTION_STYLES)}")
     n = len(batch)
     keys = canonical_keys(batch) if keys is None else keys
-    question = render.questions(batch)
+    question = render.questions(batch) if question_style == "full" else render.compact_questions(batch)
     content = question if template == "chat" else render.base_prompts(question)
     answer = render.answers(batch)
     message = pa.StructArray.from_arrays([pa.repeat("user", n), content], names=["role", "content"])

@@ -44,8 +44,9 @@ def _state_pieces(values: np.ndarray, num_vars: np.ndarray, modulus: int) -> lis
                    pad=v >= num_vars[:, None])
 
 
-def _rule_pieces(batch: ProblemBatch) -> list[pa.Array]:
-    """Rule lines ``"\\n1. B = B + A"`` of every slot, with the section headers baked into each first line."""
+def _rule_pieces(batch: ProblemBatch, numbered: bool = True) -> list[pa.Array]:
+    """Rule lines ``"\\n1. B = B + A"`` of every slot, with the section headers baked into each first line
+    (``numbered=False``: ``"\\nB = B + A"``, headers only for nested problems, as ``compact_question``)."""
     nested = (batch.phase == OUTER).any(axis=1)[:, None]
     outer = batch.phase == OUTER
 
@@ -68,15 +69,16 @@ def _rule_pieces(batch: ProblemBatch) -> list[pa.Array]:
         c, number = divmod(c, batch.op.shape[1] + 1)
         is_nested, is_outer = divmod(c, 2)
         header = ""
-        if number == 1:
+        if number == 1 and (is_nested or numbered):
             header = ("Outer rules:\n" if is_outer else "Inner rules:\n") if is_nested else "Rules:\n"
-        return f"\n{header}{number}. {Rule(op, target, source - 1, const).text()}"
+        return f"\n{header}{f'{number}. ' if numbered else ''}{Rule(op, target, source - 1, const).text()}"
 
     return _pieces(code, fmt, pad=batch.op == PAD)
 
 
-def _tail_pieces(batch: ProblemBatch) -> pa.Array:
-    """Everything after the rules: the loop, the semantics, the modulus and the answer format."""
+def _tail_pieces(batch: ProblemBatch, compact: bool = False) -> pa.Array:
+    """Everything after the rules: the loop, the semantics, the modulus and the answer format (``compact``:
+    the one line of ``compact_question``)."""
     nested = (batch.phase == OUTER).any(axis=1)
     fields = (nested, batch.sequential, batch.num_steps, batch.inner_steps, batch.num_vars)
     radices = (2, 2, 1 << 16, 1 << 16, 32)
@@ -89,6 +91,9 @@ def _tail_pieces(batch: ProblemBatch) -> pa.Array:
         c, inner = divmod(c, 1 << 16)
         c, steps = divmod(c, 1 << 16)
         is_nested, sequential = divmod(c, 2)
+        if compact:
+            loop = f"{steps} times: inner {inner} times, then outer once" if is_nested else f"{steps} times"
+            return f"\n{loop}, {'sequential' if sequential else 'simultaneous'}, modulo {batch.modulus}"
         loop = (f"Repeat {steps} times: apply the inner rules {inner} times, then the outer rules once."
                 if is_nested else f"Apply all the rules {steps} times.")
         names = ", ".join(f"{VAR_NAMES[i]}=?" for i in range(num_vars))
@@ -104,6 +109,12 @@ def questions(batch: ProblemBatch) -> pa.Array:
     """``Problem.question()`` of every row."""
     init = _state_pieces(batch.init, batch.num_vars, batch.modulus)
     return _concat("Variables: ", *init, *_rule_pieces(batch), _tail_pieces(batch))
+
+
+def compact_questions(batch: ProblemBatch) -> pa.Array:
+    """``Problem.compact_question()`` of every row."""
+    init = _state_pieces(batch.init, batch.num_vars, batch.modulus)
+    return _concat("", *init, *_rule_pieces(batch, numbered=False), _tail_pieces(batch, compact=True))
 
 
 def base_prompts(question: pa.Array) -> pa.Array:

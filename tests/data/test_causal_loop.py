@@ -22,6 +22,7 @@ from data.causal_loop import (
     to_table,
 )
 from data.causal_loop.config import ADD_CONST, ADD_SOURCE, COND_INC, COPY, MODULO, MULTIPLY
+from data.causal_loop.problem import format_state
 
 
 def make(init, rules, steps=1, semantics="simultaneous", outer=(), inner_steps=1, modulus=100, level=1):
@@ -106,10 +107,12 @@ def test_columnar_text_equals_readable_spec(cfg):
     answers = render.answers(batch)
     solutions = render.solutions(batch)
     bases = render.base_prompts(questions)
-    assert len(questions) == len(answers) == len(solutions) == len(batch)
+    compact = render.compact_questions(batch)
+    assert len(questions) == len(answers) == len(solutions) == len(compact) == len(batch)
     for i in range(len(batch)):
         p = batch.problem(i)
         assert questions[i].as_py() == p.question()
+        assert compact[i].as_py() == p.compact_question()
         assert answers[i].as_py() == p.answer()
         assert solutions[i].as_py() == p.solution()
         assert bases[i].as_py() == p.base_prompt()
@@ -312,3 +315,24 @@ def test_arrow_join_keeps_rows_whose_pieces_are_all_null():
     # Guards the workaround in render._concat: pyarrow drops such rows without the leading constant piece.
     pieces = pa.array([None, "x"], pa.string())
     assert render._concat(pieces, pieces).to_pylist() == ["", "xx"]
+
+
+def test_compact_question_states_the_same_problem_in_a_third_of_the_tokens():
+    from data.tokenizer import build_tokenizer
+    from rl.prompts import encode_prompt
+
+    batch = generate(TaskConfig(levels=(1, 2, 4), num_vars=(3, 4), num_steps=(2, 4)), 300, seed=5)
+    full, compact = to_table(batch, "test"), to_table(batch, "test", question_style="compact")
+    p = batch.problem(0)
+    # the state, the rules in order, the loop, the semantics and the modulus: every fact of the full prompt
+    text = compact.column("prompt")[0].as_py()[0]["content"]
+    assert text.startswith(format_state(p.init) + "\n")
+    assert f", {p.semantics}, modulo {p.modulus}" in text and all(r.text() in text for r in p.rules)
+    assert full.column("reward_model").equals(compact.column("reward_model"))
+    tok = build_tokenizer()
+    n_full = [len(encode_prompt(tok, r, "chat")) for r in full.to_pylist()]
+    n_compact = [len(encode_prompt(tok, r, "chat")) for r in compact.to_pylist()]
+    assert sum(n_compact) < 0.45 * sum(n_full)
+    assert all(tok.unk_token_id not in encode_prompt(tok, r, "chat") for r in compact.to_pylist())
+    with pytest.raises(ValueError, match="question_style"):
+        to_table(batch, "test", question_style="short")
