@@ -19,7 +19,8 @@ class PromptSource:
             task = TaskConfig(**cfg.task)
             splits = build_splits(task, 0, cfg.eval_size, seed + 1, heldout_configs(task), cfg.eval_size,
                                   num_validation=cfg.validation_size)
-            self.eval_sets = {name: to_table(b, name, k, cfg.template, question_style=cfg.question_style).to_pylist() for name, (b, k) in splits.items()}
+            self.eval_sets = {name: to_table(b, name, k, cfg.template, question_style=cfg.question_style).to_pylist()
+                              for name, (b, k) in splits.items()}
             excluded = np.concatenate([k for _, k in splits.values()])
             self.stream = ProblemStream(task, seed=seed, chunk_size=256, exclude_keys=excluded)
         else:

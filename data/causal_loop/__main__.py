@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout_vars", type=_int_range, help="MIN,MAX variables of test_more_vars (default: past train)")
     p.add_argument("--template", choices=TEMPLATES, default="chat", help="prompt for a chat template or a base model")
     p.add_argument("--question_style", choices=QUESTION_STYLES, default="full",
-                   help="the question with its instructions' prose (full) or without it (compact: for models from scratch)")
+                   help="the question with its instructions' prose (full) or without (compact: models from scratch)")
     p.add_argument("--allow_duplicates", action="store_true", help="keep duplicate problems within a split")
     p.add_argument("--allow_trivial", action="store_true", default=None,
                    help="keep problems whose answer is their initial state")
@@ -139,14 +139,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         bar.update()
         bar.set_postfix_str("rendering")
-        tables = {name: to_table(batch, name, keys, args.template, question_style=args.question_style) for name, (batch, keys) in splits.items()}
+        tables = {name: to_table(batch, name, keys, args.template, question_style=args.question_style)
+                  for name, (batch, keys) in splits.items()}
         bar.update()
         bar.set_postfix_str("writing")
         for name, table in tables.items():
             write_parquet(table, out / f"{name}.parquet")
         bar.update()
     info = {"task": asdict(cfg), "heldout": {k: asdict(v) for k, v in heldout.items()}, "sizes": sizes,
-            "seed": args.seed, "template": args.template, "question_style": args.question_style, "dedup": not args.allow_duplicates,
+            "seed": args.seed, "template": args.template, "question_style": args.question_style,
+            "dedup": not args.allow_duplicates,
             "seconds": round(time.perf_counter() - start, 3)}
     tmp = out / ".dataset_info.json.tmp"
     tmp.write_text(json.dumps(info, indent=2))
