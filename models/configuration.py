@@ -102,3 +102,12 @@ class LatentReasoningConfig(PretrainedConfig):
 
     def has_lru(self, layer_idx: int) -> bool:
         return self.use_lru and (self.lru_layers is None or layer_idx in self.lru_layers)
+
+    def to_dict(self) -> dict:
+        """The config as saved (``config.json``) and logged (``run_info.json``): without ``use_lru`` the
+        ``lru_*`` fields configure nothing, so they are left out rather than read as settings of the model."""
+        out = super().to_dict()
+        if not self.use_lru:
+            for name in [k for k in out if k.startswith("lru_")]:
+                del out[name]
+        return out

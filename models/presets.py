@@ -100,6 +100,8 @@ def tiny_config(group: str, match_params: bool = True, **overrides) -> Pretraine
 def _check_fields(group: str, overrides: dict) -> None:
     known = set(_group_config(group, {**TINY, **TINY_MLA}).to_dict()) if group != "baseline" else set(
         Qwen2Config(**{**TINY, **TINY_BASELINE}).to_dict())
+    if group in MATCHED:  # a control's lru_* fields describe the target it is matched to (matched_control)
+        known |= set(_group_config(MATCHED[group], {**TINY, **TINY_MLA}).to_dict())
     unknown = sorted(set(overrides) - known)
     if unknown:
         own = sorted(known - set(PretrainedConfig().to_dict()))

@@ -3,6 +3,8 @@ numbers worked by hand; the matched baseline and controls; the CLI."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -188,3 +190,14 @@ def test_unmatched_baseline_keeps_the_preset_width_and_unknown_overrides_are_ref
     assert count_params(tiny_config("baseline", match_params=False)) < count_params(tiny_config("baseline"))
     with pytest.raises(ValueError, match=r"\['lru_iters'\] are not fields of the mla_lru_adaptive config"):
         tiny_config("mla_lru_adaptive", lru_iters=8)  # a typo would otherwise train the default K silently
+
+
+@pytest.mark.parametrize("group", ["mla_only", "mla_only_matched", "looped"])
+def test_groups_without_the_lru_carry_no_lru_settings(group, tmp_path):
+    config = models.tiny_config(group)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["use_lru"] is False and not [k for k in saved if k.startswith("lru_")]
+    if group == "mla_only":  # a control's lru_* fields describe its target instead
+        with pytest.raises(ValueError, match="not fields of the mla_only config"):
+            models.tiny_config(group, lru_ponder_weight=0.01)
