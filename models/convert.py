@@ -183,6 +183,9 @@ def target_config(source_config: PretrainedConfig, p: Plan, group: str, inv_freq
     if group not in GROUPS:
         raise ValueError(f"group={group!r}: the MLA groups a Qwen2 checkpoint converts to are {list(GROUPS)} "
                          "(the baseline uses the checkpoint as it is)")
+    unknown = sorted(set(overrides) - set(LatentReasoningConfig().to_dict()))
+    if unknown:
+        raise ValueError(f"overrides {unknown} are not fields of the MLA config (models/configuration.py)")
     s = source_config
     rope_inv_freq = [float(inv_freq[p.kept[g, m]]) for g in range(p.kv_heads) for m in range(p.pairs)]
     fields = dict(
@@ -290,9 +293,10 @@ def is_converted(path: str | Path) -> bool:
 
 def convert(source_dir: str | Path, group: str, out_dir: str | Path, kv_lora_rank: int | None = None,
             qk_rope_head_dim: int | None = None, calibration_ids: torch.Tensor | None = None,
-            **overrides) -> dict:
+            request: dict | None = None, **overrides) -> dict:
     """Convert the checkpoint in ``source_dir`` and save it, its tokenizer and generation config to ``out_dir``,
-    with ``convert_info.json`` (the plan and, on the calibration tokens, the logit error). -> that record."""
+    with ``convert_info.json`` (the plan, ``request`` as given: what a caller reusing the copy compares, and,
+    on the calibration tokens, the logit error). -> that record."""
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     if not (source_dir / "config.json").is_file():
         raise ValueError(f"--from {source_dir}: no transformers checkpoint there (no config.json)")
@@ -304,7 +308,8 @@ def convert(source_dir: str | Path, group: str, out_dir: str | Path, kv_lora_ran
             "qk_rope_head_dim": c.qk_rope_head_dim, "qk_nope_head_dim": c.qk_nope_head_dim,
             "exact_latent_width": source.config.num_key_value_heads * (c.qk_nope_head_dim + c.v_head_dim),
             "rotary_pairs_kept_of": _head_dim(source.config) // 2,
-            "logit_error": logit_error(source, target, calibration_ids) if calibration_ids is not None else None}
+            "logit_error": logit_error(source, target, calibration_ids) if calibration_ids is not None else None,
+            "request": request}
     out_dir.mkdir(parents=True, exist_ok=True)
     target.save_pretrained(out_dir)
     if (source_dir / "tokenizer_config.json").is_file() or (source_dir / "tokenizer.json").is_file():
