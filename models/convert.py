@@ -165,7 +165,7 @@ def plan(source, kv_lora_rank: int | None, qk_rope_head_dim: int | None,
     """Choose the kept pairs (the top r = R / 2G of each head by ``pair_scores``) and the latent width."""
     cfg = source.config
     g, d = cfg.num_key_value_heads, _head_dim(cfg)
-    rope = qk_rope_head_dim if qk_rope_head_dim is not None else max(2 * g, g * d // 4)
+    rope = qk_rope_head_dim if qk_rope_head_dim is not None else max(2 * g, g * d // 2)
     if rope % (2 * g) or not 2 * g <= rope <= g * d:
         raise ValueError(f"qk_rope_head_dim={rope}: the shared rotary key holds r pairs of each of the {g} key/value "
                          f"heads, so it must be a multiple of 2G = {2 * g} between {2 * g} and G*D = {g * d}")
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--kv_lora_rank", type=int, default=None, help="latent width C (default: F, exact)")
     parser.add_argument("--qk_rope_head_dim", type=int, default=None,
-                        help="shared rotary key size R, a multiple of 2G (default: a quarter of the pairs, G*D/4)")
+                        help="shared rotary key size R, a multiple of 2G (default: half the pairs, G*D/2)")
     args = parser.parse_args(argv)
     tokenizer = None
     if (Path(args.source) / "tokenizer_config.json").is_file():

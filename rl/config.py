@@ -66,7 +66,7 @@ class ModelConfig:
     overrides: dict = field(default_factory=dict)  # config fields of the tiny preset
     match_params: bool = True  # baseline only: solve its MLP width to mla_lru_adaptive's parameter count
     # A Qwen2 model.path for an MLA group is converted (models/convert.py) with this latent width C (None: the
-    # exact width) and shared rotary size R (None: a quarter of the source's rotary pairs).
+    # exact width) and shared rotary size R (None: half of the source's rotary pairs, G*D/2).
     retrofit_kv_lora_rank: int | None = None
     retrofit_qk_rope_head_dim: int | None = None
 
