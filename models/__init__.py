@@ -14,6 +14,7 @@ looped.py         the looped-layer control: MLA without the LRU, a block of laye
 presets.py        the experiment groups and their tiny presets (``python -m models.presets``: a table)
 param_count.py    parameter, FLOP and cache-size formulas, the parameter- and FLOP-matched controls
 value_head.py     the PPO critic: a value per token on any causal LM of this project
+convert.py        the retrofit: a pretrained Qwen2 (GQA) checkpoint to an MLA group (``python -m models.convert``)
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM

@@ -28,7 +28,16 @@ class LatentReasoningConfig(PretrainedConfig):
     design's by default (models/lru.py, ``lru_summary``): ``lru_stability_weight`` 0.1 (updates must not grow
     across iterations), ``lru_sparsity_weight`` 0.01 (Hoyer-square of the output), ``lru_ponder_weight``
     0.001 (ACT's ponder cost N + R, adaptive halting only); ``lru_update_gate_bias``
-    (initial bias of the GRU update gate: negative starts the unit close to the identity).
+    (initial bias of the GRU update gate: negative starts the unit close to the identity);
+    ``lru_residual_gate`` (a learned per-channel gate a, initialised to 0, on the unit's change of the latent:
+    output = latent + a * (LRU(latent) - latent), so the unit starts as an exact no-op; retrofitted models).
+
+    Retrofit fields (``models/convert.py`` sets them when converting a Qwen2 checkpoint; the defaults are the
+    from-scratch model's): ``q_proj_bias`` (a bias on the query projection, as Qwen2's), ``kv_latent_norm``
+    (False: no RMSNorm on the latent, so keys and values stay linear in the hidden state, as GQA's are),
+    ``rope_inv_freq`` (the R/2 inverse frequencies of the rotary pairs, instead of rope_theta's geometric
+    series: the frequencies kept from the source's heads). ``qk_nope_head_dim`` may be 0 (every query and key
+    dimension rotary, as in the source).
     """
 
     model_type = "mla_lru"
@@ -68,6 +77,10 @@ class LatentReasoningConfig(PretrainedConfig):
     lru_sparsity_weight: float = 0.01
     lru_ponder_weight: float = 0.001
     lru_update_gate_bias: float = -2.0
+    lru_residual_gate: bool = False
+    q_proj_bias: bool = False
+    kv_latent_norm: bool = True
+    rope_inv_freq: list[float] | None = None
 
     def __post_init__(self, **kwargs):
         # The rotary embedding sizes itself from head_dim: in MLA only the rotary part rotates.
@@ -79,7 +92,9 @@ class LatentReasoningConfig(PretrainedConfig):
         self._check()
 
     def _check(self) -> None:
-        positive = ("hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
+        if self.qk_nope_head_dim < 0:
+            raise ValueError(f"qk_nope_head_dim={self.qk_nope_head_dim}: must be >= 0 (0: every dimension rotary)")
+        positive = ("hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                     "v_head_dim", "lru_max_iterations", "lru_conv_kernel", "intermediate_size", "vocab_size")
         for name in positive:
             if getattr(self, name) < 1:
@@ -96,9 +111,23 @@ class LatentReasoningConfig(PretrainedConfig):
             raise ValueError("lru_global_halting needs lru_halting='adaptive' (fixed mode never halts)")
         if not 0.0 < self.lru_act_epsilon < 1.0:
             raise ValueError(f"lru_act_epsilon={self.lru_act_epsilon}: must be in (0, 1)")
+        self._check_rope_inv_freq()
         bad = [i for i in self.lru_layers or [] if not 0 <= i < self.num_hidden_layers]
         if bad:
             raise ValueError(f"lru_layers has {bad}, outside 0..{self.num_hidden_layers - 1}")
+
+    def _check_rope_inv_freq(self) -> None:
+        if self.rope_inv_freq is None:
+            return
+        if len(self.rope_inv_freq) != self.qk_rope_head_dim // 2:
+            raise ValueError(f"rope_inv_freq has {len(self.rope_inv_freq)} frequencies: give one per rotary pair, "
+                             f"qk_rope_head_dim / 2 = {self.qk_rope_head_dim // 2}")
+        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
+        if rope_type != "default":
+            raise ValueError(f"rope_inv_freq with rope_parameters rope_type={rope_type!r}: explicit frequencies "
+                             "replace the default RoPE only; drop one of them")
+        if not all(f > 0 for f in self.rope_inv_freq):
+            raise ValueError("rope_inv_freq: every inverse frequency must be > 0")
 
     def has_lru(self, layer_idx: int) -> bool:
         return self.use_lru and (self.lru_layers is None or layer_idx in self.lru_layers)

@@ -44,13 +44,13 @@ from transformers import GenerationMixin
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, Qwen2RotaryEmbedding
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from transformers.utils import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from models.cache import GrowingCache
 from models.configuration import LatentReasoningConfig
-from models.modeling_mla_lru import DecoderLayer, LatentReasoningPreTrainedModel
+from models.modeling_mla_lru import DecoderLayer, LatentReasoningPreTrainedModel, RotaryEmbedding
 
 LOOP_HALTING = ("fixed", "converge")
 
@@ -173,7 +173,7 @@ class LoopedModel(LoopedPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = Qwen2RotaryEmbedding(config)
+        self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()
 

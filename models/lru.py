@@ -11,6 +11,9 @@ convolution* over the previous iteration's states of the last W tokens, then app
     z, r = sigmoid(W_zr [h^{k-1}_t ; m_t]);  h~ = tanh(W_h [r * h^{k-1}_t ; m_t])
     h^k_t = (1 - z) * h^{k-1}_t + z * h~
 
+With ``lru_residual_gate`` the unit's output o becomes h^0 + a * (o - h^0), a (C,) learned and zero at start:
+the unit is then exactly the identity, whatever its halting, until training moves a (retrofitted models).
+
 It stays causal (position t reads only positions <= t), and exact under caching with a state per
 sequence of fixed size, like a short-convolution layer in vLLM: the last W-1 inputs of every iteration,
 (K, W-1, C). The receptive field grows by W-1 positions per iteration. The refined latent is what
@@ -199,6 +202,9 @@ class LatentReasoningUnit(nn.Module):
         self.candidate = nn.Linear(2 * c, c)  # h~ from [r * h ; m]
         self.halt = nn.Linear(c, 1) if self.adaptive else None
         self.halt_global = nn.Linear(c, 1) if self.global_mix > 0 else None
+        # output = latent + a * (LRU(latent) - latent), a (C,) zero at start: an exact no-op that still learns
+        # (a's gradient is the unit's change; the unit's own gradients flow once a moves), as ReZero's residual.
+        self.residual_gate = nn.Parameter(torch.zeros(c)) if config.lru_residual_gate else None
 
     def empty_state(self, latent: torch.Tensor) -> LRUState:
         b, _, c = latent.shape
@@ -292,6 +298,8 @@ class LatentReasoningUnit(nn.Module):
                 running = running & ~halts
             h = h_new
             states.append(h)
+        if self.residual_gate is not None:  # states[0]: the input latent, pads zeroed
+            output = states[0] + self.residual_gate * (output - states[0])
         if not diagnostics:
             report = LRUResult(iterations=iterations, remainder=remainder * valid)
         else:

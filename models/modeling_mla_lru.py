@@ -79,6 +79,18 @@ def sequence_starts(position_ids: torch.Tensor, attention_mask: torch.Tensor | N
     return starts if bool(starts.any()) else None
 
 
+class RotaryEmbedding(Qwen2RotaryEmbedding):
+    """transformers' rotary embedding of the R rotary dimensions; with ``config.rope_inv_freq`` (a retrofitted
+    model: the frequencies kept from the source's heads) those inverse frequencies instead of rope_theta's
+    series. transformers recomputes the buffer through this method when it initialises a loaded model."""
+
+    @staticmethod
+    def compute_default_rope_parameters(config: LatentReasoningConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        if getattr(config, "rope_inv_freq", None) is None:
+            return Qwen2RotaryEmbedding.compute_default_rope_parameters(config, **kwargs)
+        return torch.tensor(config.rope_inv_freq, dtype=torch.float), 1.0
+
+
 # ---- attention --------------------------------------------------------------------------------------
 
 
@@ -109,13 +121,15 @@ class MLAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
         h, d, bias = self.num_heads, config.hidden_size, config.attention_bias
         if config.q_lora_rank is None:
-            self.q_proj = nn.Linear(d, h * (self.nope + self.rope), bias=False)
+            self.q_proj = nn.Linear(d, h * (self.nope + self.rope), bias=config.q_proj_bias)
         else:
             self.q_a_proj = nn.Linear(d, config.q_lora_rank, bias=bias)
             self.q_a_layernorm = Qwen2RMSNorm(config.q_lora_rank, eps=config.rms_norm_eps)
-            self.q_b_proj = nn.Linear(config.q_lora_rank, h * (self.nope + self.rope), bias=False)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, h * (self.nope + self.rope), bias=config.q_proj_bias)
         self.kv_a_proj_with_mqa = nn.Linear(d, self.latent_dim + self.rope, bias=bias)  # [c ; k_r]
-        self.kv_a_layernorm = Qwen2RMSNorm(self.latent_dim, eps=config.rms_norm_eps)
+        # Without the norm (a retrofitted model) keys and values are linear in x, as GQA's are.
+        self.kv_a_layernorm = (Qwen2RMSNorm(self.latent_dim, eps=config.rms_norm_eps) if config.kv_latent_norm
+                               else nn.Identity())
         self.kv_b_proj = nn.Linear(self.latent_dim, h * (self.nope + self.v_dim), bias=False)  # [W_UK ; W_UV]
         self.o_proj = nn.Linear(h * self.v_dim, d, bias=bias)
         self.lru = LatentReasoningUnit(config) if config.has_lru(layer_idx) else None
@@ -283,6 +297,8 @@ class LatentReasoningPreTrainedModel(PreTrainedModel):
             # Start close to the identity: a mostly closed update gate, so training begins from plain MLA.
             # (Set on the Linear itself: transformers skips initialising modules without own parameters.)
             init.constant_(module.bias[: module.out_features // 2], module.update_gate_bias)
+        if isinstance(module, LatentReasoningUnit) and module.residual_gate is not None:
+            init.zeros_(module.residual_gate)  # the unit starts as an exact no-op (retrofitted models)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
         if self.config.use_lru and (gradient_checkpointing_kwargs or {}).get("use_reentrant", False):
@@ -308,7 +324,7 @@ class LatentReasoningModel(LatentReasoningPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = Qwen2RotaryEmbedding(config)
+        self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -439,4 +455,4 @@ class LatentReasoningForCausalLM(LatentReasoningPreTrainedModel, GenerationMixin
 
 
 __all__ = ["LatentReasoningForCausalLM", "LatentReasoningModel", "LatentReasoningModelOutput", "LatentReasoningOutput",
-           "LatentReasoningPreTrainedModel", "position_ids_from_mask", "sequence_starts"]
+           "LatentReasoningPreTrainedModel", "RotaryEmbedding", "position_ids_from_mask", "sequence_starts"]

@@ -51,7 +51,7 @@ def lru_params(cfg: LatentReasoningConfig) -> int:
         n += c + 1
     if cfg.lru_global_halting > 0:
         n += c + 1
-    return n
+    return n + c * int(cfg.lru_residual_gate)
 
 
 def mla_params(cfg: LatentReasoningConfig) -> int:
@@ -63,7 +63,8 @@ def mla_params(cfg: LatentReasoningConfig) -> int:
         query = d * h * qk
     else:
         query = d * cfg.q_lora_rank + bias * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * h * qk
-    kv = d * (c + cfg.qk_rope_head_dim) + bias * (c + cfg.qk_rope_head_dim) + c + c * h * (
+    query += h * qk * int(cfg.q_proj_bias)
+    kv = d * (c + cfg.qk_rope_head_dim) + bias * (c + cfg.qk_rope_head_dim) + c * int(cfg.kv_latent_norm) + c * h * (
         cfg.qk_nope_head_dim + cfg.v_head_dim)
     out = h * cfg.v_head_dim * d + bias * d
     layer = query + kv + out + 3 * d * cfg.intermediate_size + 2 * d

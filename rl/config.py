@@ -73,9 +73,17 @@ class ModelConfig:
     path: str | None = None  # a local transformers checkpoint; None: the group's tiny preset from scratch
     overrides: dict = field(default_factory=dict)  # config fields of the tiny preset
     match_params: bool = True  # baseline only: solve its MLP width to mla_lru_adaptive's parameter count
+    # A Qwen2 model.path for an MLA group is converted (models/convert.py) with this latent width C (None: the
+    # exact width) and shared rotary size R (None: half of the source's rotary pairs, G*D/2).
+    retrofit_kv_lora_rank: int | None = None
+    retrofit_qk_rope_head_dim: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.group in GROUPS, "model.group", self.group, f"valid groups are {list(GROUPS)}")
+        retrofit = (self.retrofit_kv_lora_rank, self.retrofit_qk_rope_head_dim)
+        _require(retrofit == (None, None) or (self.path and self.group != "baseline"),
+                 "model.retrofit_kv_lora_rank/retrofit_qk_rope_head_dim", retrofit,
+                 "they shape the conversion of a Qwen2 model.path for an MLA group; set model.path or drop them")
         _require(self.match_params or self.group == "baseline", "model.match_params", self.match_params,
                  "only the baseline is parameter-matched; drop it for other groups")
 

@@ -28,10 +28,11 @@ import ray
 import torch
 import yaml
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import models
 from data.tokenizer import build_tokenizer
+from models import convert
 from rl import checkpoint
 from rl.actors import SCORER_CPUS, TRAINER_CPUS, WORKER_CPUS, RewardScorerPool, RolloutWorker, TrainerWorker
 from rl.config import ExperimentConfig, load_config
@@ -44,16 +45,19 @@ from rl.trainer import PPOSettings
 
 
 def build_model_and_tokenizer(cfg: ExperimentConfig):
-    """The policy's starting point: a local checkpoint (``model.path``) or the group's tiny preset."""
+    """The policy's starting point: a local checkpoint (``model.path``) or the group's tiny preset. A Qwen2
+    checkpoint for an MLA group is retrofitted first (``retrofit``); the baseline takes it as it is."""
     if cfg.model.path:
         path = Path(cfg.model.path)
         if not (path / "config.json").is_file():
             raise ValueError(f"model.path={cfg.model.path!r}: no transformers checkpoint there (no config.json)")
+        if cfg.model.group != "baseline" and AutoConfig.from_pretrained(path).model_type in convert.SOURCE_TYPES:
+            path = retrofit(cfg, path)
         model = AutoModelForCausalLM.from_pretrained(path)
         expected = {"looped": models.LoopedForCausalLM}.get(cfg.model.group, models.LatentReasoningForCausalLM)
         if cfg.model.group != "baseline" and not isinstance(model, expected):
-            raise ValueError(f"model.group={cfg.model.group!r} needs a {expected.__name__} checkpoint, but {path} is "
-                             f"{model.config.model_type}: converting a pretrained GQA model to MLA does not exist yet")
+            raise ValueError(f"model.group={cfg.model.group!r} needs a {expected.__name__} checkpoint or a Qwen2 one "
+                             f"to convert (models.convert), but {path} is {model.config.model_type}")
         return model, AutoTokenizer.from_pretrained(path)
     tokenizer = build_tokenizer()
     vocab = -(-len(tokenizer) // 8) * 8  # a multiple of 8
@@ -62,6 +66,30 @@ def build_model_and_tokenizer(cfg: ExperimentConfig):
                                 **cfg.model.overrides)
     torch.manual_seed(cfg.trainer.seed)
     return AutoModelForCausalLM.from_config(config), tokenizer
+
+
+RETROFIT_DIR = "retrofit"  # the converted copy of model.path, inside the run directory
+
+
+def retrofit(cfg: ExperimentConfig, source: Path) -> Path:
+    """The MLA group's conversion of the Qwen2 checkpoint ``source`` (``models.convert``), made once per run
+    directory and reused on resume: written to a temporary folder, then renamed, so a half-written copy is
+    never read. Calibrated on the task's text through the checkpoint's tokenizer."""
+    out = Path(cfg.logging.run_dir) / RETROFIT_DIR
+    want = {"source": str(source.resolve()), "group": cfg.model.group, "kv_lora_rank": cfg.model.retrofit_kv_lora_rank,
+            "qk_rope_head_dim": cfg.model.retrofit_qk_rope_head_dim, "overrides": cfg.model.overrides}
+    if convert.is_converted(out):
+        have = json.loads((out / "convert_info.json").read_text())
+        if have.get("request") == want:
+            return out
+        raise ValueError(f"{out} holds a conversion of {have.get('request')}, not {want}: use another run directory")
+    tmp = out.with_name(RETROFIT_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    convert.convert(source, cfg.model.group, tmp, want["kv_lora_rank"], want["qk_rope_head_dim"],
+                    convert.calibration_batch(tokenizer), request=want, **cfg.model.overrides)
+    tmp.rename(out)
+    return out
 
 
 class Run:

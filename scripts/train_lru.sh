@@ -20,7 +20,8 @@ Environment:
   OUTPUT_DIR        where runs and data go (default: outputs)
   DATA_DIR          train on the parquet files here (train.parquet, test*.parquet; generated if missing)
                     instead of the preset's stream
-  BASE_MODEL        a local transformers checkpoint to start from (default: a tiny model from scratch)
+  BASE_MODEL        a local transformers checkpoint to start from (default: a tiny model from scratch); a
+                    Qwen2 one is converted to MLA for the MLA groups (models/convert.py)
   N_GPUS            GPUs to use (default: 0 = CPU)
   NNODES            nodes the Ray cluster must have (default 1); more than 1 needs RAY_ADDRESS
   RAY_ADDRESS       join this Ray cluster instead of starting a local one

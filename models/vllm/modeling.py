@@ -152,16 +152,20 @@ class MLAttention(nn.Module):
         self.latent_dim, self.q_lora_rank = config.kv_lora_rank, config.q_lora_rank
         h, d, bias = self.num_heads, config.hidden_size, config.attention_bias
         if config.q_lora_rank is None:
-            self.q_proj = nn.Linear(d, h * (self.nope + self.rope), bias=False)
+            self.q_proj = nn.Linear(d, h * (self.nope + self.rope), bias=config.q_proj_bias)
         else:
             self.q_a_proj = nn.Linear(d, config.q_lora_rank, bias=bias)
             self.q_a_layernorm = Qwen2RMSNorm(config.q_lora_rank, eps=config.rms_norm_eps)
-            self.q_b_proj = nn.Linear(config.q_lora_rank, h * (self.nope + self.rope), bias=False)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, h * (self.nope + self.rope), bias=config.q_proj_bias)
         self.kv_a_proj_with_mqa = nn.Linear(d, self.latent_dim + self.rope, bias=bias)  # [c ; k_r]
-        self.kv_a_layernorm = Qwen2RMSNorm(self.latent_dim, eps=config.rms_norm_eps)
+        self.kv_a_layernorm = (Qwen2RMSNorm(self.latent_dim, eps=config.rms_norm_eps) if config.kv_latent_norm
+                               else nn.Identity())
         self.kv_b_proj = nn.Linear(self.latent_dim, h * (self.nope + self.v_dim), bias=False)  # [W_UK ; W_UV]
         self.o_proj = nn.Linear(h * self.v_dim, d, bias=bias)
         self.lru = LatentReasoningUnitLayer(config, f"{prefix}.lru") if config.has_lru(layer_idx) else None
+        if config.rope_inv_freq is not None:
+            raise ValueError("rope_inv_freq (a model retrofitted from Qwen2 by models.convert): the vLLM twin builds "
+                             "its rotary embedding from rope_theta only; use rollout.backend=torch for this model")
         self.rotary_emb = get_rope(self.rope, max_position=config.max_position_embeddings, is_neox_style=True,
                                    rope_parameters=config.rope_parameters)
         self.head_size = attention_head_size(config)
