@@ -277,14 +277,20 @@ def convert_model(source, group: str, kv_lora_rank: int | None = None, qk_rope_h
 @torch.no_grad()
 def logit_error(source, target, ids: torch.Tensor) -> dict[str, float]:
     """How far the converted model's logits are from the source's on ``ids`` (B, T): the largest absolute
-    difference, it relative to the source logits' standard deviation, the mean KL(source || target) per token
-    and the fraction of positions whose top token agrees."""
+    difference, it relative to the source logits' standard deviation, the mean KL(source || target) per token,
+    the fraction of positions whose top token agrees, and both models' next-token loss on ``ids`` (the loss
+    before and after conversion that MHA2MLA reports; the recovery fine-tune is the run's warm start)."""
     a = source(ids, use_cache=False).logits.double()  # (B, T, V)
     b = target(ids, use_cache=False).logits.double()
     diff = (a - b).abs().max().item()
     kl = (a.log_softmax(-1).exp() * (a.log_softmax(-1) - b.log_softmax(-1))).sum(-1).mean().item()
+
+    def loss(logits: torch.Tensor) -> float:
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
+
     return {"max_abs": diff, "max_abs_rel": diff / a.std().item(), "kl": kl,
-            "top1_agree": (a.argmax(-1) == b.argmax(-1)).double().mean().item()}
+            "top1_agree": (a.argmax(-1) == b.argmax(-1)).double().mean().item(),
+            "loss_source": loss(a), "loss_converted": loss(b)}
 
 
 def is_converted(path: str | Path) -> bool:

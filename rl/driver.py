@@ -276,6 +276,12 @@ class Run:
         of every step logged, held-out accuracy every ``sft_eval_every`` steps, a checkpoint every
         ``sft_save_every``. Then the warm-started model is evaluated and logged as PPO step 0."""
         cfg = self.cfg.trainer
+        if start == 0 and self.cfg.model.path:
+            # A pretrained (or retrofitted) start: its accuracy before the warm start, as sft step 0 — after a
+            # conversion, the accuracy the recovery fine-tune starts from (the baseline's is the source's).
+            self._push_weights()
+            heldout = self.evaluate_heldout(None, every_split=False)
+            self.logger.log_warm_start(0, {f"sft/{k}": v for k, v in heldout.items()})
         with tqdm(total=cfg.sft_steps, initial=start, desc="warm start", disable=not self.cfg.logging.progress) as bar:
             while start < cfg.sft_steps:
                 end = min(_next_multiple(start, every) for every in (50, cfg.sft_save_every, cfg.sft_eval_every,

@@ -181,3 +181,45 @@ def test_command_line(source_dir, tmp_path, capsys):
     assert 0 <= info["logit_error"]["kl"] < 1 and info["logit_error"]["top1_agree"] > 0
     assert models.LatentReasoningConfig.from_pretrained(tmp_path).rope_inv_freq is not None
     assert calibration_batch(None) is None
+
+
+@pytest.fixture(scope="module")
+def warmed_dir(tmp_path_factory):
+    """A tiny Qwen2 warmed up on the task's text in the test (the project's own "pretrained" model: 60
+    steps, far from converged but no longer random), saved with its tokenizer."""
+    from data.causal_loop import TaskConfig, generate
+    from rl.sft import sft_step, warm_start_optimizer
+
+    path = tmp_path_factory.mktemp("warmed")
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(models.tiny_config("baseline", match_params=False,
+                                                vocab_size=-(-len(tokenizer) // 8) * 8,
+                                                pad_token_id=tokenizer.pad_token_id,
+                                                eos_token_id=tokenizer.eos_token_id))
+    optimizer, schedule = warm_start_optimizer(model, 1e-3, 60, warmup_steps=5)
+    batch = generate(TaskConfig(), 60 * 8, seed=1)  # the calibration text's distribution, other problems
+    for step in range(60):  # language modelling of the whole text (an empty prompt: every token a label)
+        texts = [batch.problem(step * 8 + i).question() + "\n" + batch.problem(step * 8 + i).solution()
+                 for i in range(8)]
+        sft_step(model, optimizer, [[]] * 8, [tokenizer(t)["input_ids"][:256] for t in texts], tokenizer.pad_token_id)
+        schedule.step()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, tokenizer
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_a_warmed_up_checkpoint_converts_with_its_loss_kept(warmed_dir, tmp_path, group):
+    """On the task's text the warmed-up model's loss (well below a random model's ln V) is the converted one's
+    at full width, and within a few percent with half the rotary pairs (the default R)."""
+    path, tokenizer = warmed_dir
+    ids = calibration_batch(tokenizer)
+    source = Qwen2Config.from_pretrained(path)
+    every_pair = source.num_key_value_heads * source.hidden_size // source.num_attention_heads
+    exact = convert(path, group, tmp_path / "exact", qk_rope_head_dim=every_pair, calibration_ids=ids)
+    error = exact["logit_error"]
+    assert error["loss_source"] < 0.5 * torch.log(torch.tensor(float(len(tokenizer)))).item()
+    assert error["max_abs"] < EXACT and abs(error["loss_converted"] - error["loss_source"]) < 1e-5
+    half = convert(path, group, tmp_path / "half", calibration_ids=ids)["logit_error"]
+    assert half["loss_converted"] < 1.05 * half["loss_source"]

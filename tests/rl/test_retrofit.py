@@ -13,7 +13,7 @@ import models
 from data.tokenizer import build_tokenizer
 from rl.config import load_config
 from rl.driver import RETROFIT_DIR, Run, build_model_and_tokenizer
-from rl.tracking import read_metrics
+from rl.tracking import WARM_START_FILE, read_metrics
 from tests.rl.test_driver import TINY
 
 FOUR_GROUPS = ("baseline", "mla_only", "mla_lru_fixed", "mla_lru_adaptive")
@@ -72,6 +72,8 @@ def test_all_four_groups_train_from_one_checkpoint(qwen2_dir, tmp_path):
             run.train()
             rows = read_metrics(tmp_path / group)
             assert any("reward/mean" in row for row in rows), group
+            before = [r for r in read_metrics(tmp_path / group, WARM_START_FILE) if r.get("sft/step") == 0]
+            assert before and "sft/eval/test/acc" in before[0], group  # accuracy before the recovery warm start
             assert (tmp_path / group / RETROFIT_DIR).is_dir() == (group != "baseline")
     finally:
         ray.shutdown()
