@@ -164,9 +164,12 @@ class TrainerConfig:
     sft_batch_size: int = 16
     sft_save_every: int = 200  # warm-start checkpoints (a killed warm start resumes from the last one)
     sft_eval_every: int = 0  # held-out evaluation during the warm start (0: only at its end)
-    # The warm start passes when greedy accuracy on validation (test without one) reaches this after it; a
-    # run that misses it is flagged in summary.json and kept out of comparisons (rl.study_report).
+    # The warm start passes when greedy accuracy on validation (test without one) reaches warm_start_min_acc
+    # after it and its loss (the mean of its last 10 steps, on stream problems) is at most warm_start_max_loss
+    # (None: no loss criterion); a run that misses either is flagged in summary.json and kept out of
+    # comparisons (rl.study_report). The loss says "left the plateau" sooner than exact-match accuracy does.
     warm_start_min_acc: float = 0.0
+    warm_start_max_loss: float | None = None
     seed: int = 0
     device: str = "auto"
 
@@ -175,6 +178,8 @@ class TrainerConfig:
         _require(self.sft_eval_every >= 0, "trainer.sft_eval_every", self.sft_eval_every, "must be >= 0 (0: off)")
         _require(0.0 <= self.warm_start_min_acc <= 1.0, "trainer.warm_start_min_acc", self.warm_start_min_acc,
                  "an accuracy in [0, 1]")
+        _require(self.warm_start_max_loss is None or self.warm_start_max_loss > 0, "trainer.warm_start_max_loss",
+                 self.warm_start_max_loss, "a loss > 0, or null for no loss criterion")
         for name in ("steps", "prompts_per_step", "epochs", "minibatch_size", "micro_batch_size", "max_bad_steps",
                      "eval_every", "save_every", "sft_batch_size", "sft_save_every"):
             _require(getattr(self, name) >= 1, f"trainer.{name}", getattr(self, name), "must be >= 1")

@@ -309,16 +309,20 @@ class Run:
 
     def _warm_start_check(self, metrics: dict) -> dict:
         """Whether the model PPO starts from passed the warm-start criterion: greedy accuracy on validation (or
-        test, or the first held-out set) >= ``trainer.warm_start_min_acc``."""
+        test, or the first held-out set) >= ``trainer.warm_start_min_acc``, and the warm start's last loss
+        (``sft/loss_last``; none without a warm start) <= ``trainer.warm_start_max_loss`` when that is set."""
+        cfg = self.cfg.trainer
         split = "validation" if "eval/validation/acc" in metrics else (
             "test" if "eval/test/acc" in metrics else next(iter(self.data.eval_sets)))
-        acc = metrics[f"eval/{split}/acc"]
-        passed = acc >= self.cfg.trainer.warm_start_min_acc
-        if not passed:
-            print(f"warning: the warm start missed its criterion (eval/{split}/acc {acc:.3f} < "
-                  f"trainer.warm_start_min_acc {self.cfg.trainer.warm_start_min_acc}); the run is flagged in "
+        acc, loss = metrics[f"eval/{split}/acc"], metrics.get("sft/loss_last")
+        missed = [f"eval/{split}/acc {acc:.3f} < trainer.warm_start_min_acc {cfg.warm_start_min_acc}"] * (
+            acc < cfg.warm_start_min_acc)
+        if cfg.warm_start_max_loss is not None and loss is not None and loss > cfg.warm_start_max_loss:
+            missed.append(f"sft/loss_last {loss:.3f} > trainer.warm_start_max_loss {cfg.warm_start_max_loss}")
+        if missed:
+            print(f"warning: the warm start missed its criterion ({'; '.join(missed)}); the run is flagged in "
                   "summary.json and kept out of comparisons", file=sys.stderr)
-        return {"sft/passed": float(passed), "sft/criterion_acc": acc}
+        return {"sft/passed": float(not missed), "sft/criterion_acc": acc}
 
     # ---- the loop ------------------------------------------------------------------------------------
 

@@ -43,9 +43,10 @@ def summarize(rows: list[dict]) -> dict:
         else None,
         "tokens_per_s": average("throughput/tokens_per_s"),
         "seconds_per_phase": {p.split("/")[1]: average(p) for p in PHASES},
-        # The warm-start criterion (trainer.warm_start_min_acc) on the model PPO started from.
+        # The warm-start criterion (trainer.warm_start_min_acc, warm_start_max_loss) on the model PPO started from.
         "warm_start_passed": bool(evals[0].get("sft/passed", 1.0)) if evals else None,
         "warm_start_criterion_acc": evals[0].get("sft/criterion_acc") if evals else None,
+        "warm_start_loss_last": evals[0].get("sft/loss_last") if evals else None,
     }
 
 

@@ -41,6 +41,7 @@ def test_overrides_are_typed_from_yaml():
     (["logging.backends=[tensorbord]"], r"logging.backends=\['tensorbord'\]: unknown \['tensorbord'\]; valid backends"),
     (["data.warm_start_targets=steps"], r"data.warm_start_targets='steps': use one of \['trace', 'answer'\]"),
     (["trainer.warm_start_min_acc=2"], r"trainer.warm_start_min_acc=2.0: an accuracy in \[0, 1\]"),
+    (["trainer.warm_start_max_loss=0"], r"trainer.warm_start_max_loss=0.0: a loss > 0, or null"),
 ])
 def test_bad_values_name_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import ray
@@ -175,6 +176,7 @@ def test_validation_split_is_evaluated_between_and_test_only_before_and_after(tm
     assert rows[0]["sft/passed"] == 0.0 and rows[0]["sft/criterion_acc"] == rows[0]["eval/validation/acc"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["warm_start_passed"] is False  # the 100% criterion is missed: flagged, kept out of comparisons
+    assert summary["warm_start_loss_last"] == rows[0]["sft/loss_last"]
     keys = [set(row["extra_info"]["key"] for row in r.data.eval_sets[name]) for name in ("validation", "test")]
     assert not keys[0] & keys[1]
 
@@ -190,3 +192,21 @@ def test_answer_only_warm_start_targets_hold_no_intermediate_state():
     from rewards.causal_loop import compute_score
 
     assert compute_score("causal_loop", answer_only, row["reward_model"]["ground_truth"])["score"] == 1.0
+
+
+def test_warm_start_loss_criterion():
+    """Exact-match accuracy lags the loss: the loss criterion flags a warm start still on the plateau."""
+    class Stub:
+        data = types.SimpleNamespace(eval_sets={"test": []})
+
+        def __init__(self, **trainer):
+            self.cfg = load_config(None, [f"trainer.{k}={v}" for k, v in trainer.items()])
+
+    def check(metrics, **trainer):
+        return Run._warm_start_check(Stub(**trainer), metrics)["sft/passed"]
+
+    metrics = {"eval/test/acc": 0.08, "sft/loss_last": 0.142}
+    assert check(metrics, warm_start_max_loss=0.25) == 1.0
+    assert check(metrics, warm_start_max_loss=0.1) == 0.0
+    assert check(metrics, warm_start_max_loss=0.25, warm_start_min_acc=0.1) == 0.0  # both must hold
+    assert check({"eval/test/acc": 0.08}, warm_start_max_loss=0.1) == 1.0  # no warm start, no loss to check
