@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -293,7 +294,9 @@ def stub_specs(tmp_path) -> list:
 
 
 @pytest.mark.parametrize("local", [True, pytest.param(False, marks=pytest.mark.slow)])
-def test_a_dependent_waits_for_its_source_and_a_failed_source_fails_it(tmp_path, local):
+def test_a_dependent_waits_for_its_source_and_a_failed_source_fails_it(tmp_path, monkeypatch, local):
+    # Ray's workers import this test's copy of the script by its module name, run_ablation.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(SCRIPT.parent), os.environ.get("PYTHONPATH", "")]))
     args = argparse.Namespace(local=local, cpus_per_run=1.0, gpus_per_run=0.0, poll=0.2)
     rows = {(r["experiment"], r["seed"]): r for r in ablation.run_specs(stub_specs(tmp_path), [], args)}
     assert rows[("baseline", 0)]["status"] == rows[("retrofit_mla_only", 0)]["status"] == "finished"
