@@ -74,7 +74,7 @@ class Experiment:
         """``model.path=...`` for a retrofit experiment outside a study (validation, the dry run): its source's
         step-0 policy at the run's seed under ``SOURCE_PLACEHOLDER``; the path need not exist."""
         assert self.source is not None, f"{self.name} is not a retrofit experiment"
-        seed = load_config(self.base, list(self.overrides)).trainer.seed
+        seed = load_config(self.base, [o for o in self.overrides if o.startswith("trainer.")]).trainer.seed
         return f"model.path={step0_policy(SOURCE_PLACEHOLDER, self.source.name, seed)}"
 
 
