@@ -9,7 +9,10 @@ An experiment is ``{description, group, overrides: [section.field=value, ...]}``
 preset, default the file's ``base``; ``load_experiments(base=...)`` replaces it for all), ``extends`` (another
 experiment whose group, base and overrides come first), ``requires_group`` / ``requires_option`` (a group of
 ``models.presets.GROUPS`` or a config field ``section.field`` that does not exist yet: the experiment is kept,
-marked unavailable with the reason, and runs once the code has it).
+marked unavailable with the reason, and runs once the code has it), ``retrofit_from`` (a ``baseline``
+experiment of the file: each run starts from that experiment's step-0 checkpoint at the same seed, its
+warm-started Qwen2, converted for this experiment's MLA group by the driver; ``scripts/run_ablation.py`` sets
+``model.path`` per seed, ``step0_policy``).
 
 Overrides apply as on the driver's command line, except that a dict-valued field (``model.overrides``,
 ``data.task``) is merged into the preset's dict: an experiment names only what it changes. Each experiment's
@@ -26,15 +29,24 @@ import torch
 import yaml
 
 import models
-from models import param_count
+from models import convert, param_count
 from rl.config import SECTIONS, ExperimentConfig, load_config, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FILE = ROOT / "rl" / "presets" / "experiments.yaml"
 DEFAULT_BASE = "rl/presets/tiny.yaml"
 FILE_KEYS = ("base", "experiments")
-ENTRY_KEYS = ("description", "group", "overrides", "base", "extends", "requires_group", "requires_option")
+ENTRY_KEYS = ("description", "group", "overrides", "base", "extends", "requires_group", "requires_option",
+              "retrofit_from")
+INHERITED = ("group", "base", "requires_group", "requires_option", "retrofit_from")  # what extends passes on
 RUN_FIELDS = ("logging.run_dir", "trainer.seed", "data.seed")  # set for each run by scripts/run_ablation.py
+SOURCE_PLACEHOLDER = "OUTPUT_DIR"  # stands for the study's output directory in a retrofit run's model.path
+
+
+def step0_policy(out_dir: str | Path, source: str, seed: int) -> Path:
+    """The warm-started policy of the run of experiment ``source`` at ``seed`` (``rl.checkpoint``'s step 0, a
+    transformers checkpoint with its tokenizer): where a retrofit run of that seed starts."""
+    return Path(out_dir) / source / f"seed_{seed}" / "checkpoints" / "step_000000" / "policy"
 
 
 @dataclass(frozen=True)
@@ -45,12 +57,25 @@ class Experiment:
     base: Path
     overrides: tuple[str, ...]  # one section.field=value per field, model.group first: the driver's command line
     unavailable: str | None = None  # why it cannot run yet; None when it can
+    source: Experiment | None = None  # retrofit_from: the baseline experiment whose step-0 checkpoint it converts
 
     def config(self, extra: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-        """The run's config: the base preset, the experiment's overrides, then ``extra`` (scalars, as given)."""
+        """The run's config: the base preset, the experiment's overrides, then ``extra`` (scalars, as given).
+        A retrofit experiment needs ``model.path`` in ``extra`` (its source run's ``step0_policy``)."""
         if self.unavailable:
             raise ValueError(f"experiment {self.name!r} is not available: {self.unavailable}")
+        if self.source is not None and not any(e.startswith("model.path=") for e in extra):
+            raise ValueError(f"experiment {self.name!r} retrofits the step-0 checkpoint of a run of "
+                             f"{self.source.name!r}: give model.path=step0_policy(output_dir, "
+                             f"{self.source.name!r}, seed) (scripts/run_ablation.py sets it for each seed)")
         return load_config(self.base, [*self.overrides, *extra])
+
+    def placeholder_path(self) -> str:
+        """``model.path=...`` for a retrofit experiment outside a study (validation, the dry run): its source's
+        step-0 policy at the run's seed under ``SOURCE_PLACEHOLDER``; the path need not exist."""
+        assert self.source is not None, f"{self.name} is not a retrofit experiment"
+        seed = load_config(self.base, [o for o in self.overrides if o.startswith("trainer.")]).trainer.seed
+        return f"model.path={step0_policy(SOURCE_PLACEHOLDER, self.source.name, seed)}"
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -113,11 +138,13 @@ def _check_entry(name: str, entry: object, names: set[str]) -> dict:
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise ValueError(f"experiment {name!r}: overrides must be a list of 'section.field=value' strings, "
                          f"got {overrides!r}")
-    for key in ("group", "base", "extends", "requires_group", "requires_option"):
+    for key in ("group", "base", "extends", "requires_group", "requires_option", "retrofit_from"):
         if key in entry and not isinstance(entry[key], str):
             raise ValueError(f"experiment {name!r}: {key} must be a string, got {entry[key]!r}")
-    if "extends" in entry and entry["extends"] not in names:
-        raise ValueError(f"experiment {name!r}: extends={entry['extends']!r} is not an experiment of this file")
+    for key in ("extends", "retrofit_from"):
+        if key in entry and entry[key] not in names:
+            raise ValueError(f"experiment {name!r}: {key}={entry[key]!r} is not an experiment of this file; "
+                             f"experiments are {sorted(names)}")
     if "extends" not in entry and "group" not in entry:
         raise ValueError(f"experiment {name!r}: give its group (one of {list(models.GROUPS)}) or what it extends")
     return entry
@@ -134,7 +161,7 @@ def _flatten(name: str, entries: dict, default_base: str) -> dict:
     flat: dict = {"base": default_base, "overrides": []}
     for link in reversed(chain):  # the root first, so each experiment's own values win
         entry = entries[link]
-        flat.update({k: v for k, v in entry.items() if k in ("group", "base", "requires_group", "requires_option")})
+        flat.update({k: v for k, v in entry.items() if k in INHERITED})
         flat["overrides"] = flat["overrides"] + entry.get("overrides", [])
     return {**flat, "description": entries[name]["description"]}
 
@@ -167,10 +194,11 @@ def _unavailable(name: str, flat: dict) -> str | None:
     return None
 
 
-def _check_model(name: str, cfg: ExperimentConfig) -> None:
+def _check_model(name: str, cfg: ExperimentConfig, retrofit: bool = False) -> None:
     """The preset model's config built as the driver builds it (``models.tiny_config``), and its override keys
-    checked: transformers configs keep unknown keyword arguments as attributes, so a typo would pass silently."""
-    if cfg.model.path:
+    checked: transformers configs keep unknown keyword arguments as attributes, so a typo would pass silently.
+    A retrofit's overrides are fields of its group's config too (the conversion sets them, ``models.convert``)."""
+    if cfg.model.path and not retrofit:
         return  # a checkpoint: the driver loads its own config
     try:  # tiny_config refuses an override that is not a field of the group's config
         models.tiny_config(cfg.model.group, **cfg.model.overrides)
@@ -178,21 +206,45 @@ def _check_model(name: str, cfg: ExperimentConfig) -> None:
         raise ValueError(f"experiment {name!r}: model.overrides={cfg.model.overrides}: {e}") from None
 
 
-def build_experiment(name: str, flat: dict, extra: list[str]) -> Experiment:
-    """One experiment, validated: its overrides resolved against its base and its config and model config built."""
+def _check_source(name: str, flat: dict, source: Experiment | None) -> str | None:
+    """A retrofit experiment's source checked (a baseline, an MLA group to convert to, model.path left to the
+    study); -> why it cannot run while its source cannot, else None."""
+    if source is None:
+        return None
+    if source.group != "baseline":
+        raise ValueError(f"experiment {name!r}: retrofit_from={source.name!r} is of group {source.group!r}; the "
+                         "source of a retrofit must be a baseline experiment (a Qwen2, models.convert's input)")
+    if flat["group"] not in convert.GROUPS:
+        raise ValueError(f"experiment {name!r}: group={flat['group']!r} has no retrofit; a retrofit experiment "
+                         f"must be one of {list(convert.GROUPS)}")
+    if any(o.startswith("model.path=") for o in flat["overrides"]):
+        raise ValueError(f"experiment {name!r}: overrides set model.path, which retrofit_from={source.name!r} "
+                         "sets for each run (the source run's step-0 checkpoint); remove it")
+    return f"its source experiment {source.name} is not available: {source.unavailable}" if source.unavailable \
+        else None
+
+
+def build_experiment(name: str, flat: dict, extra: list[str], source: Experiment | None = None) -> Experiment:
+    """One experiment, validated: its overrides resolved against its base and its config and model config built.
+    ``source``: the experiment ``retrofit_from`` names, built already."""
     _check_overrides(name, [*flat["overrides"], *extra])
     base = resolve_path(flat["base"])
-    unavailable = _unavailable(name, flat)
+    unavailable = _unavailable(name, flat) or _check_source(name, flat, source)
     items = [f"model.group={flat['group']}", *flat["overrides"], *extra]
     if unavailable:  # its group or option does not exist: nothing to resolve against yet
-        return Experiment(name, flat["description"], flat["group"], base, tuple(items), unavailable)
+        return Experiment(name, flat["description"], flat["group"], base, tuple(items), unavailable, source)
+    experiment = Experiment(name, flat["description"], flat["group"], base, (), None, source)
     try:
         overrides = tuple(merge_overrides(load_config(base), items))
-        cfg = load_config(base, list(overrides))
+        experiment = dataclasses.replace(experiment, overrides=overrides)
+        cfg = experiment.config([experiment.placeholder_path()] if source else [])
     except ValueError as e:
         raise ValueError(f"experiment {name!r} (base {base}): {e}") from None
-    _check_model(name, cfg)
-    return Experiment(name, flat["description"], flat["group"], base, overrides)
+    _check_model(name, cfg, retrofit=source is not None)
+    if source is not None and cfg.data != source.config().data:
+        raise ValueError(f"experiment {name!r}: its data section differs from that of its source {source.name!r}, so "
+                         "a seed would not give both the same problems; give them the same base and data overrides")
+    return experiment
 
 
 def load_experiments(path: str | Path = DEFAULT_FILE, base: str | Path | None = None,
@@ -204,13 +256,19 @@ def load_experiments(path: str | Path = DEFAULT_FILE, base: str | Path | None = 
     entries = {str(n): _check_entry(str(n), e, set(map(str, data["experiments"])))
                for n, e in data["experiments"].items()}
     default = str(data.get("base", DEFAULT_BASE))
-    out = {}
-    for name in entries:
-        flat = _flatten(name, entries, default)
+    flats = {name: _flatten(name, entries, default) for name in entries}
+    built: dict[str, Experiment] = {}
+    # Sources before the retrofits that name them (a source of a source is refused: it must be a baseline).
+    for name in sorted(flats, key=lambda n: "retrofit_from" in flats[n]):
+        flat = flats[name]
         if base is not None:
             flat["base"] = str(base)
-        out[name] = build_experiment(name, flat, list(extra or []))
-    return out
+        source = flat.get("retrofit_from")
+        if source is not None and source not in built:
+            raise ValueError(f"experiment {name!r}: retrofit_from={source!r} is itself a retrofit; the source of a "
+                             "retrofit must be a baseline experiment")
+        built[name] = build_experiment(name, flat, list(extra or []), built.get(source))
+    return {name: built[name] for name in entries}
 
 
 def select(experiments: dict[str, Experiment], names: list[str] | None) -> list[Experiment]:
@@ -258,16 +316,37 @@ def describe(experiment: Experiment) -> dict:
     row = {"name": experiment.name, "group": experiment.group, "description": experiment.description,
            "base": str(experiment.base),
            "overrides": [o for o in experiment.overrides if not o.startswith("model.group=")],
+           "retrofit_from": experiment.source.name if experiment.source else None,
            "available": experiment.unavailable is None, "reason": experiment.unavailable}
     if experiment.unavailable:
         return row
-    cfg = experiment.config()
-    model, _ = build_model_and_tokenizer(cfg)
+    if experiment.source is not None:
+        cfg = experiment.config([experiment.placeholder_path()])
+        model = retrofit_preview(experiment)
+    else:
+        cfg = experiment.config()
+        model, _ = build_model_and_tokenizer(cfg)
     config = model.config
     return {**row, "model_class": type(model).__name__, "parameters": param_count.count_params(config),
             "flops_per_token": _flops(config), "cache_dtype": str(model.dtype).removeprefix("torch."),
             "cache_bytes_per_token": param_count.cache_bytes_per_token(config, model.dtype),
             **lru_facts(model), "fingerprint": _fingerprint(cfg, config)}
+
+
+def retrofit_preview(experiment: Experiment, seed: int | None = None) -> torch.nn.Module:
+    """The model a retrofit run of ``experiment`` trains, with its source's initial weights instead of the
+    warm-started ones: the source experiment's model built as the driver builds it (``trainer.seed`` = ``seed``
+    when given), converted in memory as the driver's ``retrofit`` converts a checkpoint (group, latent width,
+    rotary size, LRU overrides). Its shapes -- parameters, cache, FLOPs -- are the run's; which rotary pairs it
+    keeps may differ (here chosen from the weights, in a run from the task's text)."""
+    from rl.driver import build_model_and_tokenizer
+
+    assert experiment.source is not None, f"{experiment.name} is not a retrofit experiment"
+    extra = [] if seed is None else [f"trainer.seed={seed}"]
+    source, _ = build_model_and_tokenizer(experiment.source.config(extra))
+    cfg = experiment.config([experiment.placeholder_path(), *extra]).model
+    return convert.convert_model(source, cfg.group, cfg.retrofit_kv_lora_rank, cfg.retrofit_qk_rope_head_dim,
+                                 **cfg.overrides)
 
 
 def _fingerprint(cfg: ExperimentConfig, config) -> str:

@@ -126,6 +126,21 @@ PREREGISTERED: tuple[Contrast, ...] = (
              "What does compressing the KV cache with MLA cost against standard attention?"),
 )
 
+# The retrofit arm, fixed before it runs (do not edit after seeing results): every MLA group converted from the
+# baseline's warm-started checkpoint of the same seed (experiments.yaml, retrofit_from). A second Holm family,
+# apart from the from-scratch one above: a different question (what is added to one pretrained model), and the
+# main family's error rate stays what was planned.
+RETROFIT_CONTRASTS: tuple[Contrast, ...] = (
+    Contrast("what the LRU adds (retrofit)", "retrofit_mla_lru_adaptive", "retrofit_mla_only",
+             "Does the adaptive LRU improve the same converted model over MLA alone?"),
+    Contrast("what fixed iteration adds (retrofit)", "retrofit_mla_lru_fixed", "retrofit_mla_only",
+             "Does an LRU with a fixed number of iterations improve the same converted model over MLA alone?"),
+    Contrast("what the conversion costs (retrofit)", "retrofit_mla_only", "baseline",
+             "After the recovery fine-tune, what does converting the baseline's attention to MLA cost?"),
+)
+RETROFIT_ARM = ("retrofit_mla_only", "retrofit_mla_lru_fixed", "retrofit_mla_lru_adaptive")  # + their source
+RETROFIT_MAIN = "retrofit_mla_lru_adaptive"  # the arm's exploratory contrasts compare the others with it
+
 
 def paired_differences(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a - b`` as float64 after checking both are 1-D, the same length (same seeds, same order), finite."""

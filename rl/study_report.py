@@ -12,6 +12,10 @@ is the same problem.
 Runs with passed_warm_start=False are left out of every mean and comparison and listed as excluded. Contrasts
 pair runs by seed (only the seeds both experiments have). The pre-registered contrasts (``rl.stats.PREREGISTERED``)
 form one Holm family; every other experiment against the main one is exploratory (Benjamini-Hochberg).
+The retrofit arm (``rl.stats.RETROFIT_ARM``: MLA groups converted from the baseline's checkpoint) has its own
+planned family (``rl.stats.RETROFIT_CONTRASTS``, Holm) and its own exploratory contrasts (BH): the arm's main
+experiment against the arm's others and the baseline it was converted from. The two arms are never compared
+with each other (a converted model against one trained from scratch answers no question the study asks).
 A contrast that cannot be computed is reported as "not run" with the reason. The statistics are ``rl.stats``.
 """
 
@@ -149,12 +153,27 @@ def preregistered_contrasts(runs: list[dict]) -> list[dict]:
     return correct_family(rows, "holm", count_not_run=True)
 
 
-def exploratory_contrasts(runs: list[dict], main: str = MAIN) -> list[dict]:
-    """``main`` minus every other included experiment on ``EXPLORATORY_METRICS``, unless pre-registered; BH."""
-    planned = {frozenset((c.experiment_a, c.experiment_b, m)) for c in stats.PREREGISTERED for m in c.metrics}
-    others = sorted({r["experiment"] for r in runs} - {main})
-    rows = [run_contrast(runs, f"{main} vs {other}", main, other, metric, "exploratory")
-            for other in others for metric in EXPLORATORY_METRICS
+def retrofit_contrasts(runs: list[dict]) -> list[dict]:
+    """Every (contrast, metric) of ``stats.RETROFIT_CONTRASTS``, Holm-adjusted as a family of its own."""
+    rows = [run_contrast(runs, c.name, c.experiment_a, c.experiment_b, metric, "retrofit", c.question)
+            for c in stats.RETROFIT_CONTRASTS for metric in c.metrics]
+    return correct_family(rows, "holm", count_not_run=True)
+
+
+def exploratory_contrasts(runs: list[dict], main: str = MAIN, retrofit: bool = False) -> list[dict]:
+    """``main`` minus every other included experiment of its arm on ``EXPLORATORY_METRICS``, unless planned; BH.
+    The from-scratch arm leaves out ``stats.RETROFIT_ARM``; the retrofit arm (``retrofit``) is that arm and the
+    baseline, its source (nothing when no experiment of the arm has a run)."""
+    family = stats.RETROFIT_CONTRASTS if retrofit else stats.PREREGISTERED
+    planned = {frozenset((c.experiment_a, c.experiment_b, m)) for c in family for m in c.metrics}
+    names = {r["experiment"] for r in runs}
+    if retrofit:  # nothing without a run of the arm (the baseline alone belongs to the from-scratch arm)
+        arm = names & {*stats.RETROFIT_ARM, "baseline"} if names & set(stats.RETROFIT_ARM) else set()
+    else:
+        arm = names - set(stats.RETROFIT_ARM)
+    rows = [run_contrast(runs, f"{main} vs {other}", main, other, metric,
+                         "retrofit exploratory" if retrofit else "exploratory")
+            for other in sorted(arm - {main}) for metric in EXPLORATORY_METRICS
             if frozenset((main, other, metric)) not in planned]
     return correct_family(rows, "bh", count_not_run=False)
 
@@ -165,7 +184,7 @@ def problem_level(problems: list[dict], runs: list[dict]) -> dict:
     rows = [p for p in problems if (p["experiment"], p["seed"]) in included]
     out = {"records": len(problems), "records_dropped": len(problems) - len(rows),
            "why_dropped": "records of excluded runs or runs absent from the table of runs", "contrasts": []}
-    for c in stats.PREREGISTERED:
+    for c in stats.PREREGISTERED + stats.RETROFIT_CONTRASTS:
         entry = {"name": c.name, "experiment_a": c.experiment_a, "experiment_b": c.experiment_b}
         try:
             entry.update(status="run", **asdict(stats.problem_level_gee(rows, c.experiment_a, c.experiment_b)))
@@ -181,7 +200,9 @@ def build_study(runs: list[dict], problems: list[dict] | None = None, main: str 
     kept, excluded = split_runs(runs)
     study = {"unit": "seed (one training run)", "alpha": ALPHA, "main": main, "excluded": excluded,
              "experiments": summarize_experiments(kept), "preregistered": preregistered_contrasts(kept),
-             "exploratory": exploratory_contrasts(kept, main), "problem_level": None}
+             "exploratory": exploratory_contrasts(kept, main), "retrofit": retrofit_contrasts(kept),
+             "retrofit_exploratory": exploratory_contrasts(kept, stats.RETROFIT_MAIN, retrofit=True),
+             "problem_level": None}
     if problems:
         study["problem_level"] = problem_level(problems, kept)
     return study
@@ -250,7 +271,15 @@ def _sections(study: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
             "(0.0625 with 5 seeds).", CONTRAST_HEADER,
             [contrast_cells(r) for r in study["preregistered"]]),
            (f"Exploratory contrasts vs {study['main']}", "Exploratory: Benjamini-Hochberg over these tests only; "
-            "not confirmatory.", CONTRAST_HEADER, [contrast_cells(r) for r in study["exploratory"]])]
+            "not confirmatory; the retrofit arm is left out.", CONTRAST_HEADER,
+            [contrast_cells(r) for r in study["exploratory"]]),
+           ("Retrofit arm: pre-registered contrasts", f"Every MLA group converted from the baseline's warm-started "
+            f"checkpoint of the same seed, then a recovery fine-tune and PPO. Holm over these "
+            f"{len(study['retrofit'])} planned tests, a family of their own (a test not run counts as p = 1).",
+            CONTRAST_HEADER, [contrast_cells(r) for r in study["retrofit"]]),
+           (f"Retrofit arm: exploratory contrasts vs {stats.RETROFIT_MAIN}", "Within the arm and against its source "
+            "baseline; Benjamini-Hochberg over these tests only; not confirmatory.", CONTRAST_HEADER,
+            [contrast_cells(r) for r in study["retrofit_exploratory"]])]
     if study["problem_level"]:
         out.append(("Problem level (GEE, complement)", "Logit of per-problem correctness, exchangeable within "
                     "seed; the seed remains the unit of replication.", PROBLEM_HEADER,

@@ -13,6 +13,12 @@ fails is reported in the final table and the others go on; re-running the comman
 experiments, the seeds and the git commit; at the end the study report (``rl.study_report``) is written to DIR
 from every finished run there.
 
+The retrofit arm: an experiment with ``retrofit_from: X`` (experiments.yaml) starts each seed's run from X's run
+at that seed, ``model.path=DIR/X/seed_<S>/checkpoints/step_000000/policy`` (X's warm-started model; the driver
+converts it for the experiment's group). Within a seed X's run goes first: its Ray task is an argument of the
+dependent's, so Ray starts the dependent only once X's run is over; a failed X fails its dependents without
+starting them. When X's run is not part of the invocation, its step-0 checkpoint must be there already.
+
 Placement: one Ray task per run, holding --cpus-per-run CPUs (default: all of this machine's, so one run at a
 time here; on a cluster, RAY_ADDRESS set, as many at once as the nodes fit). The task starts the driver as a
 subprocess with a Ray instance of its own (RAY_ADDRESS=local): the driver's actors then never wait for CPUs that
@@ -42,7 +48,17 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from rl.experiments import DEFAULT_FILE, ROOT, Experiment, describe_all, load_experiments, select  # noqa: E402
+from rl.checkpoint import COMPLETE  # noqa: E402
+from rl.experiments import (  # noqa: E402
+    DEFAULT_FILE,
+    ROOT,
+    Experiment,
+    describe_all,
+    load_experiments,
+    select,
+    step0_policy,
+    yaml_value,
+)
 
 LOG, RECORD, RUNNING, MANIFEST = "driver.log", "ablation_run.json", "ablation_running.json", "ablation_manifest.json"
 SUMMARY = "summary.json"
@@ -59,22 +75,55 @@ class RunSpec:
     steps: int  # trainer.steps: a summary of fewer steps is not finished (the driver extends the run)
     sft_steps: int
     config: dict  # the run's full config, compared with a finished run's config.yaml before skipping it
+    source: str | None = None  # retrofit_from: the experiment whose run at this seed it starts from
+    source_policy: str | None = None  # that run's step-0 policy (model.path)
 
 
 # ---- the plan ---------------------------------------------------------------------------------------------
 
 def plan_runs(experiments: list[Experiment], seeds: list[int], out_dir: Path) -> list[RunSpec]:
-    """Every (available experiment, seed) as a driver command, seed by seed."""
+    """Every (available experiment, seed) as a driver command, seed by seed; within a seed the retrofit
+    experiments after the others (their sources), each from its source run's step-0 policy at that seed."""
     specs = []
     for seed in seeds:
-        for exp in (e for e in experiments if e.unavailable is None):
+        for exp in sorted((e for e in experiments if e.unavailable is None), key=lambda e: e.source is not None):
             run_dir = (out_dir / exp.name / f"seed_{seed}").resolve()
+            source = step0_policy(out_dir.resolve(), exp.source.name, seed) if exp.source else None
             extra = [f"trainer.seed={seed}", f"data.seed={seed}", f"logging.run_dir={run_dir}"]
+            extra = ([f"model.path={yaml_value(str(source))}"] if source else []) + extra
             cfg = exp.config(extra)
             command = (sys.executable, "-m", "rl.driver", "--config", str(exp.base), *exp.overrides, *extra)
             specs.append(RunSpec(exp.name, seed, str(run_dir), command, cfg.trainer.steps, cfg.trainer.sft_steps,
-                                 cfg.to_dict()))
+                                 cfg.to_dict(), exp.source.name if exp.source else None,
+                                 str(source) if source else None))
     return specs
+
+
+def missing_source(spec: RunSpec) -> str | None:
+    """Why a retrofit run cannot start from its source's step-0 checkpoint (no COMPLETE marker), else None."""
+    if spec.source is None or (Path(spec.source_policy).parent / COMPLETE).is_file():
+        return None
+    return f"source run {spec.source} seed {spec.seed} has no step-0 checkpoint: run {spec.source} first"
+
+
+def blocked(spec: RunSpec, states: dict[tuple[str, int], str]) -> str | None:
+    """Why a retrofit run is not started in this invocation, else None; ``states``: prior_state of every
+    planned run. A source about to run here is waited for; otherwise its checkpoint must be there."""
+    state = states.get((spec.source, spec.seed)) if spec.source else None
+    if state == "run":
+        return None
+    if state == "conflict":
+        return f"source run {spec.source} seed {spec.seed} conflicts (see its row): not started"
+    return missing_source(spec)
+
+
+def source_failure(spec: RunSpec, sources: tuple[dict, ...]) -> str | None:
+    """Why a retrofit run must not start once its source runs (their outcomes) are over, else None."""
+    for outcome in sources:
+        if outcome["returncode"] != 0:
+            return (f"source run {spec.source} seed {spec.seed} failed (returncode {outcome['returncode']}): "
+                    "not started")
+    return missing_source(spec)
 
 
 def changed_fields(stored: dict, current: dict) -> list[str]:
@@ -103,8 +152,13 @@ def prior_state(spec: RunSpec) -> tuple[str, str]:
 
 # ---- one run (the body of a Ray task, or of the --local thread) --------------------------------------------
 
-def execute(spec: RunSpec, env: dict[str, str]) -> dict:
-    """Run the driver to the end, its output appended to driver.log; -> returncode, wall_s and the log's tail."""
+def execute(spec: RunSpec, env: dict[str, str], *sources: dict) -> dict:
+    """Run the driver to the end, its output appended to driver.log; -> returncode, wall_s and the log's tail.
+    ``sources``: the outcomes of the runs it starts from (Ray passes them once those tasks are over); if one
+    failed, the driver is not started."""
+    why = source_failure(spec, sources)
+    if why:
+        return {"returncode": -1, "wall_s": None, "log_tail": [why]}
     run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -227,14 +281,23 @@ def run_specs(specs: list[RunSpec], walls: list[float], args: argparse.Namespace
     env, since = child_env(args.cpus_per_run), time.time()
     if args.local:
         with ThreadPoolExecutor(max_workers=1) as pool:  # one run at a time; the thread only waits on the driver
-            futures = {pool.submit(execute, s, env): s for s in specs}
+            # In submission order: a source (planned first within its seed) is over when its dependent starts.
+            by_run: dict[tuple[str, int], Future] = {}
+            for s in specs:
+                deps = [by_run[k] for k in [(s.source, s.seed)] if k in by_run]
+                by_run[(s.experiment, s.seed)] = pool.submit(
+                    lambda s=s, deps=deps: execute(s, env, *[d.result() for d in deps]))
+            futures = {by_run[(s.experiment, s.seed)]: s for s in specs}
             return _gather(futures, lambda fs: wait_futures(fs, args.poll, FIRST_COMPLETED)[0], Future.result, (),
                            walls, since)
     import ray
 
     _init_ray(args.cpus_per_run, args.gpus_per_run)
     task = ray.remote(execute).options(num_cpus=args.cpus_per_run, num_gpus=args.gpus_per_run, max_retries=0)
-    futures = {task.remote(s, env): s for s in specs}
+    refs: dict = {}
+    for s in specs:  # a source's ref as an argument: Ray starts the dependent once the source's task is over
+        refs[(s.experiment, s.seed)] = task.remote(s, env, *[refs[k] for k in [(s.source, s.seed)] if k in refs])
+    futures = {refs[(s.experiment, s.seed)]: s for s in specs}
     try:
         # A task that died (its worker, its node) is that run's failure, not the study's.
         return _gather(futures, lambda fs: ray.wait(fs, num_returns=1, timeout=args.poll)[0], ray.get,
@@ -397,6 +460,8 @@ def dry_run_table(rows: list[dict]) -> str:
             body.append([r["name"], r["group"], "-", "-", "-", "-", "-", f"not available: {r['reason']}"])
             continue
         note = " ".join(r["overrides"]) + (f"  (same model and run as {r['same_as']})" if r["same_as"] else "")
+        if r.get("retrofit_from"):
+            note = f"retrofit of {r['retrofit_from']}'s step-0 checkpoint; " + note
         body.append([r["name"], r["group"], _number(r["parameters"]), _number(r["flops_per_token"]),
                      _number(r["cache_bytes_per_token"]), lru_cell(r), aux_cell(r), note])
     dtypes = sorted({r["cache_dtype"] for r in rows if r["available"]})
@@ -486,8 +551,14 @@ def train(experiments: list[Experiment], argv: list[str], args: argparse.Namespa
     out_dir = Path(args.output_dir).resolve()
     specs = plan_runs(experiments, args.seeds, out_dir)
     rows, todo, walls = [], [], []
+    prior = {(s.experiment, s.seed): prior_state(s) for s in specs}
+    states = {key: state for key, (state, _) in prior.items()}
     for spec in specs:
-        state, why = prior_state(spec)
+        state, why = prior[(spec.experiment, spec.seed)]
+        if state == "run" and (no_start := blocked(spec, states)):
+            rows.append(finish(spec, {"returncode": -1, "log_tail": [no_start]}))
+            print(f"[ablation] {spec.experiment} seed {spec.seed}: failed ({no_start})", flush=True)
+            continue
         if state == "run":
             todo.append(spec)
             continue
@@ -499,9 +570,10 @@ def train(experiments: list[Experiment], argv: list[str], args: argparse.Namespa
             walls.append(rows[-1]["wall_s"])
     rows += [{"experiment": e.name, "status": "not available", "error": e.unavailable}
              for e in experiments if e.unavailable]
-    counts = {k: sum(r["status"] == k for r in rows) for k in ("skipped", "conflict", "not available")}
+    counts = {k: sum(r["status"] == k for r in rows) for k in ("skipped", "conflict", "not available", "failed")}
     print(f"[ablation] to run: {len(todo)}, finished before: {counts['skipped']}, conflicting: {counts['conflict']}, "
-          f"experiments not available: {counts['not available']}; output {out_dir}", flush=True)
+          f"experiments not available: {counts['not available']}, sources missing: {counts['failed']}; "
+          f"output {out_dir}", flush=True)
     write_manifest(out_dir, argv, args, rows + [{"experiment": s.experiment, "seed": s.seed, "status": "pending"}
                                                 for s in todo])
     rows += run_specs(todo, walls, args)

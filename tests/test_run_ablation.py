@@ -3,8 +3,11 @@ runs through Ray: two experiments finish, a broken one is reported while they ru
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +15,8 @@ from pathlib import Path
 import pytest
 
 import models
-from rl.experiments import load_experiments
+from models import param_count
+from rl.experiments import load_experiments, retrofit_preview
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "run_ablation.py"
@@ -226,3 +230,96 @@ def test_real_runs_finish_a_failure_is_reported_and_a_rerun_skips(tmp_path):
     assert run_cli("--report-only", "--results-dir", str(out)).returncode == 0
     assert "mla_lru_adaptive" in (out / "report.md").read_text()
     assert "broken seed 0: not finished" in (out / "report.md").read_text()
+
+
+# ---- the retrofit arm -------------------------------------------------------------------------------------
+
+RETROFITS = ["retrofit_mla_only", "retrofit_mla_lru_fixed", "retrofit_mla_lru_adaptive"]
+
+
+def test_retrofit_runs_start_from_their_source_step0_checkpoint_after_it(tmp_path):
+    experiments = load_experiments(extra=TINY)
+    chosen = [experiments[n] for n in ["retrofit_mla_lru_adaptive", "baseline", "retrofit_mla_only"]]
+    specs = ablation.plan_runs(chosen, [0, 1], tmp_path)
+    # Within each seed the source first, the retrofits after it in the order given.
+    assert [(s.experiment, s.seed) for s in specs] == [
+        ("baseline", 0), ("retrofit_mla_lru_adaptive", 0), ("retrofit_mla_only", 0),
+        ("baseline", 1), ("retrofit_mla_lru_adaptive", 1), ("retrofit_mla_only", 1)]
+    for spec in specs:
+        policy = tmp_path.resolve() / "baseline" / f"seed_{spec.seed}" / "checkpoints" / "step_000000" / "policy"
+        if spec.experiment == "baseline":
+            assert spec.source is None and spec.config["model"]["path"] is None
+            continue
+        assert spec.source == "baseline" and spec.source_policy == str(policy)
+        assert spec.config["model"]["path"] == str(policy) and f"model.path={policy}" in spec.command
+        assert spec.sft_steps == 2  # TINY's warm start, after the experiment's 200-step recovery
+    assert specs[1].config["model"]["overrides"] == {"lru_global_halting": 0.5}
+
+
+def test_a_retrofit_without_its_source_checkpoint_fails_without_starting(tmp_path, capsys):
+    code = ablation.main(["--experiments", "retrofit_mla_only", "--seeds", "3", "--output-dir", str(tmp_path),
+                          "--local", *TINY])
+    out = capsys.readouterr().out
+    assert code == 1
+    why = "source run baseline seed 3 has no step-0 checkpoint: run baseline first"
+    assert why in out and "sources missing: 1" in out
+    run_dir = tmp_path / "retrofit_mla_only" / "seed_3"
+    assert json.loads((run_dir / "ablation_run.json").read_text())["error"] == why
+    assert not (run_dir / "driver.log").exists()  # the driver never started
+    assert ablation.blocked(spec_for(tmp_path, "retrofit_mla_only", 3), {("baseline", 3): "run"}) is None
+    assert "conflicts" in ablation.blocked(spec_for(tmp_path, "retrofit_mla_only", 3), {("baseline", 3): "conflict"})
+    complete = tmp_path / "baseline" / "seed_3" / "checkpoints" / "step_000000"
+    complete.mkdir(parents=True)
+    (complete / "COMPLETE").write_text("0")  # a source run of an earlier invocation: its checkpoint suffices
+    assert ablation.blocked(spec_for(tmp_path, "retrofit_mla_only", 3), {}) is None
+
+
+def stub_specs(tmp_path) -> list:
+    """baseline and retrofit_mla_only at seeds 0 and 1 with the driver replaced by a script: the source writes its
+    step-0 checkpoint marker (seed 0) or fails (seed 1); the dependent fails unless the marker is already there."""
+    experiments = load_experiments(extra=TINY)
+    specs = ablation.plan_runs([experiments["retrofit_mla_only"], experiments["baseline"]], [0, 1], tmp_path)
+    out = []
+    for spec in specs:
+        if spec.source is None:
+            step = Path(spec.run_dir) / "checkpoints" / "step_000000"
+            body = ("import sys, time; time.sleep(1)" if spec.seed == 0 else "import sys; sys.exit(1)") + (
+                f"; p = __import__('pathlib').Path({str(step)!r}); p.mkdir(parents=True); "
+                "(p / 'COMPLETE').write_text('0')")
+        else:
+            marker = Path(spec.source_policy).parent / "COMPLETE"
+            body = f"import sys; sys.exit(0 if __import__('pathlib').Path({str(marker)!r}).is_file() else 3)"
+        out.append(dataclasses.replace(spec, command=(sys.executable, "-c", body)))
+    return out
+
+
+@pytest.mark.parametrize("local", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_a_dependent_waits_for_its_source_and_a_failed_source_fails_it(tmp_path, monkeypatch, local):
+    # Ray's workers import this test's copy of the script by its module name, run_ablation.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(SCRIPT.parent), os.environ.get("PYTHONPATH", "")]))
+    args = argparse.Namespace(local=local, cpus_per_run=1.0, gpus_per_run=0.0, poll=0.2)
+    rows = {(r["experiment"], r["seed"]): r for r in ablation.run_specs(stub_specs(tmp_path), [], args)}
+    assert rows[("baseline", 0)]["status"] == rows[("retrofit_mla_only", 0)]["status"] == "finished"
+    assert rows[("baseline", 1)]["status"] == "failed"
+    dependent = rows[("retrofit_mla_only", 1)]
+    assert dependent["status"] == "failed"
+    assert dependent["error"] == "source run baseline seed 1 failed (returncode 1): not started"
+    assert not (tmp_path / "retrofit_mla_only" / "seed_1" / "driver.log").exists()
+
+
+def test_dry_run_lists_the_retrofit_arm_from_the_converted_model(capsys):
+    assert ablation.main(["--dry-run", "--json", "--base", "rl/presets/study.yaml", "--experiments", "baseline",
+                          *RETROFITS]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    experiments = load_experiments(base="rl/presets/study.yaml")
+    for name in RETROFITS:
+        row, model = rows[name], retrofit_preview(experiments[name])
+        assert row["retrofit_from"] == "baseline" and row["group"] == name.removeprefix("retrofit_")
+        assert row["parameters"] == sum(p.numel() for p in model.parameters())
+        assert row["flops_per_token"] == param_count.flops_per_token(model.config)
+        # The conversion keeps GQA's cache: C + R = 2GD = 2 x 2 x 32 per layer (models/convert.py defaults).
+        assert row["cache_bytes_per_token"] == rows["baseline"]["cache_bytes_per_token"] == 4 * 128 * 4
+    assert rows["retrofit_mla_lru_adaptive"]["global_halting"] == 0.5
+    assert rows["retrofit_mla_lru_fixed"]["halting"] == "fixed" and rows["retrofit_mla_only"]["lru_layers"] == 0
+    assert ablation.main(["--dry-run", "--experiments", "retrofit_mla_only"]) == 0
+    assert "retrofit of baseline's step-0 checkpoint" in capsys.readouterr().out

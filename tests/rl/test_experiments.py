@@ -13,7 +13,16 @@ import models
 from models import param_count, presets
 from rl.config import load_config, parse_overrides
 from rl.driver import build_model_and_tokenizer
-from rl.experiments import describe_all, load_experiments, merge_overrides, option_exists, select, yaml_value
+from rl.experiments import (
+    describe_all,
+    load_experiments,
+    merge_overrides,
+    option_exists,
+    retrofit_preview,
+    select,
+    step0_policy,
+    yaml_value,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,6 +32,8 @@ STUDY = ["baseline", "baseline_matched", "mla_only", "mla_lru_fixed", "mla_lru_a
          "mla_lru_iter_16", "mla_lru_no_stability", "mla_lru_high_stability", "mla_lru_no_ponder",
          "mla_lru_high_ponder", "mla_lru_ce_only"]  # the reference study's 17
 CONTROLS = ["mla_only_matched", "looped"]  # pre-registered controls (rl.stats.PREREGISTERED)
+RETROFITS = {"retrofit_mla_only": "mla_only", "retrofit_mla_lru_fixed": "mla_lru_fixed",
+             "retrofit_mla_lru_adaptive": "mla_lru_adaptive"}  # the retrofit arm (rl.stats.RETROFIT_CONTRASTS)
 AUX = ("lru_stability_weight", "lru_sparsity_weight", "lru_ponder_weight")
 # What each ablation of the main experiment changes in its model's config, and nothing else.
 ABLATIONS = {"mla_lru_no_pos_mix": {"lru_conv_kernel": 1}, "mla_lru_no_global_halt": {"lru_global_halting": 0.0},
@@ -40,9 +51,11 @@ def experiments():
 
 @pytest.fixture(scope="module")
 def built(experiments):
-    """{name: the model the driver would train} for every available experiment."""
+    """{name: the model the driver would train} for every available experiment (a retrofit: converted from its
+    source's initial model, ``retrofit_preview``; the driver's own conversion is tested below)."""
     torch.set_num_threads(1)
-    return {name: build_model_and_tokenizer(e.config())[0] for name, e in experiments.items() if not e.unavailable}
+    return {name: retrofit_preview(e) if e.source else build_model_and_tokenizer(e.config())[0]
+            for name, e in experiments.items() if not e.unavailable}
 
 
 def units(model) -> list[models.LatentReasoningUnit]:
@@ -60,7 +73,7 @@ def forward(model):
 
 
 def test_the_file_holds_the_study_and_its_controls(experiments):
-    assert set(experiments) == set(STUDY + CONTROLS)
+    assert set(experiments) == set(STUDY + CONTROLS + list(RETROFITS))
     assert all(e.description for e in experiments.values())
     for name in CONTROLS:
         group = experiments[name].group
@@ -242,3 +255,95 @@ def test_base_replaces_every_experiments_preset(tmp_path):
     cfg = experiments["mla_lru_iter_8"].config()
     assert cfg.trainer.steps == 7  # the preset's, not tiny.yaml's 20
     assert cfg.model.overrides == {"hidden_size": 64, "lru_global_halting": 0.5, "lru_max_iterations": 8}
+
+
+# ---- the retrofit arm -------------------------------------------------------------------------------------
+
+def test_the_retrofit_arm_converts_the_baseline_with_a_recovery_warm_start(experiments):
+    for name, group in RETROFITS.items():
+        e = experiments[name]
+        assert e.group == group and e.source is experiments["baseline"] and e.unavailable is None
+        cfg = e.config(["model.path=/study/baseline/seed_0/checkpoints/step_000000/policy"])
+        assert cfg.trainer.sft_steps == 200 and cfg.model.path.endswith("step_000000/policy")
+    assert experiments["retrofit_mla_lru_adaptive"].config([experiments["retrofit_mla_lru_adaptive"].placeholder_path(
+    )]).model.overrides == {"lru_global_halting": 0.5}
+    assert experiments["baseline"].config().model.match_params is False  # the source: the preset's own widths
+    assert step0_policy("out", "baseline", 3) == Path("out/baseline/seed_3/checkpoints/step_000000/policy")
+    with pytest.raises(ValueError, match="retrofits the step-0 checkpoint of a run of 'baseline': give model.path"):
+        experiments["retrofit_mla_only"].config()
+
+
+@pytest.fixture(scope="module")
+def saved_baseline(experiments, tmp_path_factory):
+    """A tiny random Qwen2 saved as a run saves its step-0 policy (weights, config, tokenizer)."""
+    model, tokenizer = build_model_and_tokenizer(experiments["baseline"].config())
+    path = tmp_path_factory.mktemp("baseline") / "policy"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model, path
+
+
+def test_each_retrofit_experiment_trains_what_its_name_says(experiments, saved_baseline, tmp_path):
+    """The driver's own path (build_model_and_tokenizer on the saved Qwen2): the group's MLA model at the
+    source's widths, the LRU groups computing exactly the converted mla_only model at start (the no-op gate)."""
+    torch.set_num_threads(1)
+    source, path = saved_baseline
+    built = {}
+    for name, group in RETROFITS.items():
+        cfg = experiments[name].config([f"model.path={path}", f"logging.run_dir={tmp_path / name}"])
+        built[name], _ = build_model_and_tokenizer(cfg)
+        model = built[name]
+        assert isinstance(model, models.LatentReasoningForCausalLM), name
+        assert (tmp_path / name / "retrofit" / "convert_info.json").is_file()
+        for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+            assert getattr(model.config, field) == getattr(source.config, field), (name, field)
+        lru = units(model)
+        if group == "mla_only":
+            assert not lru and not model.config.use_lru
+            continue
+        assert len(lru) == model.config.num_hidden_layers and model.config.lru_residual_gate
+        assert all(u.adaptive == (group == "mla_lru_adaptive") and u.iterations == 4 for u in lru)
+    assert all(u.halt_global is not None and u.global_mix == 0.5 for u in units(built["retrofit_mla_lru_adaptive"]))
+    assert all(u.halt is None for u in units(built["retrofit_mla_lru_fixed"]))
+    logits = {name: forward(model.eval()).logits for name, model in built.items()}
+    for name in ("retrofit_mla_lru_fixed", "retrofit_mla_lru_adaptive"):
+        assert torch.equal(logits[name], logits["retrofit_mla_only"]), name  # the LRU starts as a no-op
+
+
+def retrofit_file(tmp_path, entry: str, extra: str = "") -> Path:
+    return write(tmp_path, "experiments:\n  src: {description: a Qwen2, group: baseline, "
+                           "overrides: [model.match_params=false]}\n  mla: {description: m, group: mla_only}\n"
+                           f"{extra}  bad: {entry}\n")
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("{description: x, group: mla_only, retrofit_from: ghost}",
+     r"experiment 'bad': retrofit_from='ghost' is not an experiment of this file"),
+    ("{description: x, group: mla_only, retrofit_from: [src]}", r"experiment 'bad': retrofit_from must be a string"),
+    ("{description: x, group: mla_only, retrofit_from: mla}",
+     r"experiment 'bad': retrofit_from='mla' is of group 'mla_only'; the source of a retrofit must be a baseline"),
+    ("{description: x, group: baseline, retrofit_from: src}",
+     r"experiment 'bad': group='baseline' has no retrofit; a retrofit experiment must be one of \['mla_only'"),
+    ("{description: x, group: mla_only_matched, retrofit_from: src}", r"group='mla_only_matched' has no retrofit"),
+    ("{description: x, group: mla_only, retrofit_from: src, overrides: [model.path=/x]}",
+     r"experiment 'bad': overrides set model.path, which retrofit_from='src' sets for each run"),
+    ("{description: x, group: mla_only, retrofit_from: src, overrides: [data.eval_size=3]}",
+     r"experiment 'bad': its data section differs from that of its source 'src'"),
+    ("{description: x, group: mla_lru_fixed, retrofit_from: src, overrides: ['model.overrides={lru_iters: 3}']}",
+     r"experiment 'bad': model.overrides=.*\['lru_iters'\] are not fields of the mla_lru_fixed config"),
+    ("{description: x, group: mla_only, retrofit_from: r1}", r"experiment 'bad': retrofit_from='r1' is itself a "
+     r"retrofit|experiment 'bad': retrofit_from='r1' is of group 'mla_only'"),
+])
+def test_a_bad_retrofit_entry_names_the_experiment_and_the_field(tmp_path, entry, message):
+    extra = "  r1: {description: r, group: mla_only, retrofit_from: src}\n"
+    with pytest.raises(ValueError, match=message):
+        load_experiments(retrofit_file(tmp_path, entry, extra))
+
+
+def test_a_retrofit_inherits_through_extends_and_sets_its_conversion(tmp_path):
+    path = retrofit_file(tmp_path, "{description: x, extends: r1, overrides: [model.retrofit_kv_lora_rank=48]}",
+                         "  r1: {description: r, group: mla_lru_fixed, retrofit_from: src}\n")
+    experiments = load_experiments(path)
+    bad = experiments["bad"]
+    assert bad.source.name == "src" and bad.group == "mla_lru_fixed"
+    assert retrofit_preview(bad).config.kv_lora_rank == 48  # a shaped conversion validates without a checkpoint

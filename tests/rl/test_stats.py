@@ -347,3 +347,14 @@ def test_preregistered_contrasts_are_the_four_planned_questions():
         ("MLA's cost", "mla_only", "baseline", ("acc",)),
     }
     assert all(c.question.endswith("?") for c in stats.PREREGISTERED)
+
+
+def test_retrofit_contrasts_are_the_three_planned_questions_of_the_arm():
+    pairs = {(c.experiment_a, c.experiment_b, c.metrics) for c in stats.RETROFIT_CONTRASTS}
+    assert pairs == {("retrofit_mla_lru_adaptive", "retrofit_mla_only", ("acc",)),
+                     ("retrofit_mla_lru_fixed", "retrofit_mla_only", ("acc",)),
+                     ("retrofit_mla_only", "baseline", ("acc",))}
+    named = {e for c in stats.RETROFIT_CONTRASTS for e in (c.experiment_a, c.experiment_b)}
+    assert named - {"baseline"} == set(stats.RETROFIT_ARM) and stats.RETROFIT_MAIN in stats.RETROFIT_ARM
+    assert not named & {e for c in stats.PREREGISTERED for e in (c.experiment_a, c.experiment_b)} - {"baseline"}
+    assert all(c.question.endswith("?") for c in stats.RETROFIT_CONTRASTS)

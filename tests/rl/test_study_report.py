@@ -179,3 +179,59 @@ def test_figures_without_iterations_and_with_only_excluded_runs(tmp_path):
     assert study["figures"] == ["figures/acc_by_seed.png", "figures/acc_vs_steps.png"]
     assert study["problem_level"] is None
     assert row_of(study["preregistered"], "MLA's cost")["reason"] == "no included runs of mla_only"
+
+
+# ---- the retrofit arm -------------------------------------------------------------------------------------
+
+RETROFIT = {"retrofit_mla_only": 0.49, "retrofit_mla_lru_fixed": 0.52, "retrofit_mla_lru_adaptive": 0.55}
+
+
+def retrofit_runs(seeds: range = range(5)) -> list[dict]:
+    out = []
+    for name, level in RETROFIT.items():
+        for s in seeds:
+            rng = np.random.default_rng([sum(map(ord, name)), s])
+            out.append({**make_run("baseline", s), "experiment": name})
+            out[-1]["metrics"] = {**out[-1]["metrics"], "acc": level + 0.08 * np.sin(s) + rng.normal(0, 0.01)}
+    return out
+
+
+def test_the_retrofit_family_is_its_own_holm_family_and_the_main_one_is_unchanged():
+    runs = make_runs()
+    main_only = report.build_study(runs)
+    study = report.build_study(runs + retrofit_runs())
+    assert report.to_json({k: study[k] for k in ("preregistered", "exploratory")}) == report.to_json(
+        {k: main_only[k] for k in ("preregistered", "exploratory")})  # the retrofit arm changes nothing there
+    rows = study["retrofit"]
+    assert [(r["experiment_a"], r["experiment_b"]) for r in rows] == [
+        ("retrofit_mla_lru_adaptive", "retrofit_mla_only"), ("retrofit_mla_lru_fixed", "retrofit_mla_only"),
+        ("retrofit_mla_only", "baseline")]
+    assert all(r["family"] == "retrofit" and r["status"] == "run" and r["adjustment"] == "holm over 3 tests"
+               for r in rows)
+    assert [r["p_adjusted"] for r in rows] == pytest.approx(stats.adjust_pvalues([r["p"] for r in rows], "holm"))
+    a = values(runs + retrofit_runs(), "retrofit_mla_only", "acc", list(range(5)))
+    b = values(runs, "baseline", "acc", list(range(5)))
+    assert rows[2]["mean_diff"] == pytest.approx(np.mean(a - b)) and rows[2]["p"] == stats.compare_paired(a, b).p
+    # Exploratory: the arm's main against the arm's others and its source, not the planned pair; never across arms.
+    explore = study["retrofit_exploratory"]
+    assert [(r["experiment_a"], r["experiment_b"]) for r in explore] == [
+        ("retrofit_mla_lru_adaptive", "baseline"), ("retrofit_mla_lru_adaptive", "retrofit_mla_lru_fixed")]
+    assert not any(r["experiment_b"].startswith("retrofit_") for r in study["exploratory"])
+    md = report.to_markdown(study)
+    assert "## Retrofit arm: pre-registered contrasts" in md and "Holm over these 3 planned tests" in md
+    assert "## Retrofit arm: exploratory contrasts vs retrofit_mla_lru_adaptive" in md
+    assert r"Retrofit arm: pre-registered contrasts" in report.to_latex(study)
+
+
+def test_retrofit_contrasts_not_run_are_reported_with_the_reason():
+    runs = make_runs() + [r for r in retrofit_runs() if r["experiment"] != "retrofit_mla_lru_fixed"]
+    rows = report.build_study(runs)["retrofit"]
+    fixed = [r for r in rows if r["experiment_a"] == "retrofit_mla_lru_fixed"][0]
+    assert fixed["status"] == "not run" and fixed["reason"] == "no included runs of retrofit_mla_lru_fixed"
+    done = [r for r in rows if r["status"] == "run"]
+    expected = stats.adjust_pvalues(np.array([r["p"] for r in done] + [1.0]), "holm")[:2]
+    assert [r["p_adjusted"] for r in done] == pytest.approx(expected)  # the missing test still counts, as p = 1
+    untouched = report.build_study(make_runs())  # a study without the arm: all three planned tests not run
+    assert [r["status"] for r in untouched["retrofit"]] == ["not run"] * 3
+    assert untouched["retrofit_exploratory"] == []
+    assert "not run: no included runs of retrofit_mla_only" in report.to_markdown(untouched)
