@@ -20,6 +20,7 @@ so "PPO" is REINFORCE with a baseline (the critic, or the group mean under GRPO)
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, fields
 
 import torch
@@ -318,6 +319,13 @@ class PPOTrainer:
                 "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict) -> None:
+        saved = [group.get("initial_lr", group["lr"]) for group in state["optimizer"]["param_groups"]]
+        if saved and saved[0] != self.s.lr:
+            # torch restores the learning rate with the optimiser's state, so a changed trainer.lr would be
+            # silently ignored on resume (as in transformers' Trainer); say so rather than train at another one.
+            print(f"warning: resuming with trainer.lr={self.s.lr:g}, but the checkpoint's optimiser was built with "
+                  f"lr={saved[0]:g}, and its schedule continues; to train at another learning rate, start a new "
+                  "run directory", file=sys.stderr)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.critic_optimizer is not None and state.get("critic_optimizer") is not None:

@@ -155,6 +155,17 @@ def test_warmup_raises_the_learning_rate_linearly():
     assert fresh.scheduler.get_last_lr() == trainer.scheduler.get_last_lr()
 
 
+def test_resuming_with_another_learning_rate_warns(capsys):
+    model = policy("mla_only")
+    state = trainer_for(model, advantage="grpo", lr=1e-4).state_dict()
+    trainer_for(model, advantage="grpo", lr=1e-4).load_state_dict(state)
+    assert "warning" not in capsys.readouterr().err
+    other = trainer_for(model, advantage="grpo", lr=3e-5)
+    other.load_state_dict(state)
+    assert "trainer.lr=3e-05, but the checkpoint's optimiser was built with lr=0.0001" in capsys.readouterr().err
+    assert other.scheduler.get_last_lr() == [1e-4]  # torch's restore: the checkpoint's rate continues
+
+
 def test_gae_needs_a_critic():
     model = policy("mla_only")
     with pytest.raises(ValueError, match="needs a critic"):
