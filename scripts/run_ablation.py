@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -409,6 +410,35 @@ def collect(results_dir: Path) -> tuple[list[dict], list[dict], list[str]]:
     return runs, problems, notes
 
 
+# What a committed copy of a study keeps of each run: enough to skip it on a re-run (summary.json, config.yaml),
+# to rebuild the report (--report-only), and to read its curves; not checkpoints, logs of the backends, figures.
+EXPORT_FILES = (SUMMARY, "config.yaml", "run_info.json", RECORD, "metrics.jsonl", "warm_start.jsonl", "report.md")
+EXPORT_DROP = ("response", "response_sampled", "ground_truth")  # per-problem texts: 90% of an eval record's size
+
+
+def export(results_dir: Path, dest: Path) -> list[Path]:
+    """Copy every finished run's small files under ``results_dir`` to ``dest`` (same layout), its eval records
+    without the response texts, and the study's manifest and report; -> the runs copied."""
+    copied = []
+    for run_dir in sorted(p for p in results_dir.glob("*/seed_*") if (p / SUMMARY).is_file()):
+        out = dest / run_dir.relative_to(results_dir)
+        (out / "evals").mkdir(parents=True, exist_ok=True)
+        for name in EXPORT_FILES:
+            if (run_dir / name).is_file():
+                shutil.copy2(run_dir / name, out / name)
+        for path in sorted((run_dir / "evals").glob("step_*.json")):
+            records = json.loads(path.read_text())
+            slim = {split: {k: v for k, v in cols.items() if k not in EXPORT_DROP} for split, cols in records.items()}
+            (out / "evals" / path.name).write_text(json.dumps(slim))
+        copied.append(out)
+    for name in (MANIFEST, "report.md", "report.json", "report.tex"):
+        if (results_dir / name).is_file():
+            shutil.copy2(results_dir / name, dest / name)
+    if (results_dir / "figures").is_dir():
+        shutil.copytree(results_dir / "figures", dest / "figures", dirs_exist_ok=True)
+    return copied
+
+
 def report(results_dir: Path, latex: bool) -> dict | None:
     """The study report of every finished run under ``results_dir``, written there; None if there is none."""
     from rl.study_report import write_report  # matplotlib, scipy, statsmodels: only when reporting
@@ -530,9 +560,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--report-only", action="store_true", help="no training: the report of the finished runs")
     parser.add_argument("--results-dir", help="with --report-only: where the runs are (default: --output-dir)")
     parser.add_argument("--latex", action="store_true", help="also write report.tex")
+    parser.add_argument("--export", metavar="DIR", help="with --report-only: then copy what the report rests on "
+                        "(summaries, configs, eval records without response texts, the report) to DIR, to commit")
     args = parser.parse_args(argv)
     if args.json and not args.dry_run:
         parser.error("--json goes with --dry-run")
+    if args.export and not args.report_only:
+        parser.error("--export goes with --report-only")
     if args.results_dir and not args.report_only:
         parser.error("--results-dir goes with --report-only (runs go to --output-dir)")
     if args.cpus_per_run <= 0 or args.gpus_per_run < 0 or args.poll <= 0:
@@ -594,7 +628,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.report_only:
-        return 0 if report(Path(args.results_dir or args.output_dir).resolve(), args.latex) else 1
+        results = Path(args.results_dir or args.output_dir).resolve()
+        written = report(results, args.latex)
+        if written and args.export:
+            print(f"[report] exported {len(export(results, Path(args.export)))} runs to {args.export}")
+        return 0 if written else 1
     try:
         experiments = select(load_experiments(args.experiments_file, args.base, args.overrides), args.experiments)
         if args.dry_run:

@@ -116,6 +116,32 @@ def test_report_only_writes_the_study_report(tmp_path, capsys):
     assert (tmp_path / "report.tex").is_file() and (tmp_path / "figures" / "acc_vs_steps.png").is_file()
 
 
+def test_export_keeps_what_the_report_and_a_rerun_rest_on(tmp_path, capsys):
+    runs, dest = tmp_path / "runs", tmp_path / "committed"
+    for seed in (0, 1):
+        run_dir = fake_run(runs, "mla_lru_adaptive", seed, [1.0, 0.0])
+        (run_dir / "config.yaml").write_text(f"trainer: {{seed: {seed}}}\n")
+        (run_dir / "checkpoints" / "step_000000").mkdir(parents=True)
+        records = json.loads((run_dir / "evals" / "step_000002.json").read_text())
+        records["test"]["response"] = ["<answer>A=1</answer>", "x"]
+        (run_dir / "evals" / "step_000002.json").write_text(json.dumps(records))
+    (runs / "mla_only" / "seed_0").mkdir(parents=True)  # unfinished: not copied
+    assert ablation.main(["--report-only", "--results-dir", str(runs), "--export", str(dest)]) == 0
+    assert "exported 2 runs" in capsys.readouterr().out
+    copied = dest / "mla_lru_adaptive" / "seed_1"
+    assert (copied / "summary.json").is_file() and (copied / "config.yaml").is_file()
+    assert not (copied / "checkpoints").exists() and not (dest / "mla_only").exists()
+    slim = json.loads((copied / "evals" / "step_000002.json").read_text())
+    assert "response" not in slim["test"] and slim["test"]["acc"] == [1.0, 0.0]
+    assert (dest / "report.json").is_file()
+    # the committed copy rebuilds the same report
+    before = json.loads((dest / "report.json").read_text())["experiments"]
+    assert ablation.main(["--report-only", "--results-dir", str(dest)]) == 0
+    assert json.loads((dest / "report.json").read_text())["experiments"] == before
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["--export", str(dest)])
+
+
 def test_report_only_without_runs_says_so(tmp_path, capsys):
     assert ablation.main(["--report-only", "--results-dir", str(tmp_path)]) == 1
     assert "no finished runs" in capsys.readouterr().out
