@@ -6,16 +6,18 @@ numbers are composed, as in most LLM tokenizers), the four tags, newlines and pu
 concatenates pieces, so ``decode(encode(text)) == text`` for any text the task produces.
 
     tokenizer = build_tokenizer()                 # a transformers PreTrainedTokenizerFast
-    tokenizer.save_pretrained(path); AutoTokenizer.from_pretrained(path)
+    tokenizer.save_pretrained(path); load_tokenizer(path)   # AutoTokenizer too, except beside a Qwen2 config
 """
 
 from __future__ import annotations
 
+import json
 import re
 import string
+from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from data.causal_loop import TaskConfig, generate, render
 
@@ -39,6 +41,21 @@ def _corpus_pieces() -> set[str]:
     pieces |= set(string.ascii_letters) | {" " + c for c in string.ascii_letters}  # any variable name
     pieces |= set(string.digits) | {" " + d for d in string.digits} | set(string.punctuation) | {" ", "\n"}
     return pieces
+
+
+def load_tokenizer(path: str | Path):
+    """A saved tokenizer as it was saved. ``AutoTokenizer`` swaps the saved class for the model type's own for
+    some types, qwen2 among them (transformers' ``MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS``): this project's
+    vocabulary next to a Qwen2 config would then be re-tokenised with Qwen2's byte-level rules, other ids for
+    the same text. A tokenizer saved as the generic backend (``build_tokenizer``'s) is loaded as one."""
+    config = Path(path) / "tokenizer_config.json"
+    saved = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    if saved in GENERIC_CLASSES:
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+GENERIC_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

@@ -44,8 +44,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 
+from data.tokenizer import load_tokenizer
 from models.configuration import LatentReasoningConfig
 from models.modeling_mla_lru import LatentReasoningForCausalLM
 from models.presets import GROUP_SETTINGS
@@ -319,7 +320,7 @@ def convert(source_dir: str | Path, group: str, out_dir: str | Path, kv_lora_ran
     out_dir.mkdir(parents=True, exist_ok=True)
     target.save_pretrained(out_dir)
     if (source_dir / "tokenizer_config.json").is_file() or (source_dir / "tokenizer.json").is_file():
-        AutoTokenizer.from_pretrained(source_dir).save_pretrained(out_dir)
+        load_tokenizer(source_dir).save_pretrained(out_dir)
     if (source_dir / "generation_config.json").is_file():
         GenerationConfig.from_pretrained(source_dir).save_pretrained(out_dir)
     (out_dir / "convert_info.json").write_text(json.dumps(info, indent=2))
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     tokenizer = None
     if (Path(args.source) / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(args.source)
+        tokenizer = load_tokenizer(args.source)
     info = convert(args.source, args.group, args.out, args.kv_lora_rank, args.qk_rope_head_dim,
                    calibration_batch(tokenizer))
     print(json.dumps(info, indent=2))

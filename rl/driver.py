@@ -28,10 +28,10 @@ import ray
 import torch
 import yaml
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import models
-from data.tokenizer import build_tokenizer
+from data.tokenizer import build_tokenizer, load_tokenizer
 from models import convert
 from rl import checkpoint
 from rl.actors import SCORER_CPUS, TRAINER_CPUS, WORKER_CPUS, RewardScorerPool, RolloutWorker, TrainerWorker
@@ -58,7 +58,7 @@ def build_model_and_tokenizer(cfg: ExperimentConfig):
         if cfg.model.group != "baseline" and not isinstance(model, expected):
             raise ValueError(f"model.group={cfg.model.group!r} needs a {expected.__name__} checkpoint or a Qwen2 one "
                              f"to convert (models.convert), but {path} is {model.config.model_type}")
-        return model, AutoTokenizer.from_pretrained(path)
+        return model, load_tokenizer(path)
     tokenizer = build_tokenizer()
     vocab = -(-len(tokenizer) // 8) * 8  # a multiple of 8
     config = models.tiny_config(cfg.model.group, match_params=cfg.model.match_params, vocab_size=vocab,
@@ -85,7 +85,7 @@ def retrofit(cfg: ExperimentConfig, source: Path) -> Path:
         raise ValueError(f"{out} holds a conversion of {have.get('request')}, not {want}: use another run directory")
     tmp = out.with_name(RETROFIT_DIR + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = load_tokenizer(source)
     convert.convert(source, cfg.model.group, tmp, want["kv_lora_rank"], want["qk_rope_head_dim"],
                     convert.calibration_batch(tokenizer), request=want, **cfg.model.overrides)
     tmp.rename(out)

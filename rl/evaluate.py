@@ -28,8 +28,9 @@ import pyarrow.parquet as pq
 import torch
 from scipy.special import comb
 from scipy.stats import spearmanr
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
+from data.tokenizer import load_tokenizer
 from models import position_ids_from_mask
 from rl import checkpoint
 from rl.config import DataConfig, RewardConfig, RolloutConfig, load_config
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     template = args.template or (cfg.data.template if cfg else DataConfig.template)
     seed = args.seed if args.seed is not None else (cfg.trainer.seed if cfg else 0)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     scorer = RewardRunner(reward, cfg.reward.kwargs if cfg else {})
     results = {name: evaluate_set(model, tokenizer, scorer, name, rows, template, args.k, samples, rollout, seed)
                for name, rows in sets.items()}

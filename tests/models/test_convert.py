@@ -223,3 +223,18 @@ def test_a_warmed_up_checkpoint_converts_with_its_loss_kept(warmed_dir, tmp_path
     assert error["max_abs"] < EXACT and abs(error["loss_converted"] - error["loss_source"]) < 1e-5
     half = convert(path, group, tmp_path / "half", calibration_ids=ids)["logit_error"]
     assert half["loss_converted"] < 1.05 * half["loss_source"]
+
+
+def test_the_task_tokenizer_beside_a_qwen2_config_loads_as_saved(source_dir):
+    """AutoTokenizer swaps the saved class for Qwen2Tokenizer beside a qwen2 config (transformers'
+    MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS), which re-tokenises the task's vocabulary; load_tokenizer, which
+    the driver, the evaluation and the conversion use, keeps the saved one, so a checkpoint's ids are its run's."""
+    from transformers import AutoTokenizer
+
+    from data.tokenizer import load_tokenizer
+
+    text = "user: A=1, B=5\nB = B + A\n2 times, simultaneous, modulo 10\nassistant:"
+    want = build_tokenizer()(text)["input_ids"]
+    loaded = load_tokenizer(source_dir)
+    assert loaded(text)["input_ids"] == want and loaded.padding_side == "left" and loaded.chat_template
+    assert AutoTokenizer.from_pretrained(source_dir)(text)["input_ids"] != want  # the trap, as it stands
