@@ -43,6 +43,9 @@ def _corpus_pieces() -> set[str]:
     return pieces
 
 
+GENERIC_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")  # what build_tokenizer saves as
+
+
 def load_tokenizer(path: str | Path):
     """A saved tokenizer as it was saved. ``AutoTokenizer`` swaps the saved class for the model type's own for
     some types, qwen2 among them (transformers' ``MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS``): this project's
@@ -53,9 +56,6 @@ def load_tokenizer(path: str | Path):
     if saved in GENERIC_CLASSES:
         return PreTrainedTokenizerFast.from_pretrained(path)
     return AutoTokenizer.from_pretrained(path)
-
-
-GENERIC_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

@@ -315,8 +315,9 @@ class Run:
         split = "validation" if "eval/validation/acc" in metrics else (
             "test" if "eval/test/acc" in metrics else next(iter(self.data.eval_sets)))
         acc, loss = metrics[f"eval/{split}/acc"], metrics.get("sft/loss_last")
-        missed = [f"eval/{split}/acc {acc:.3f} < trainer.warm_start_min_acc {cfg.warm_start_min_acc}"] * (
-            acc < cfg.warm_start_min_acc)
+        missed = []
+        if acc < cfg.warm_start_min_acc:
+            missed.append(f"eval/{split}/acc {acc:.3f} < trainer.warm_start_min_acc {cfg.warm_start_min_acc}")
         if cfg.warm_start_max_loss is not None and loss is not None and loss > cfg.warm_start_max_loss:
             missed.append(f"sft/loss_last {loss:.3f} > trainer.warm_start_max_loss {cfg.warm_start_max_loss}")
         if missed:
