@@ -11,8 +11,9 @@ experiment whose group, base and overrides come first), ``requires_group`` / ``r
 ``models.presets.GROUPS`` or a config field ``section.field`` that does not exist yet: the experiment is kept,
 marked unavailable with the reason, and runs once the code has it), ``retrofit_from`` (a ``baseline``
 experiment of the file: each run starts from that experiment's step-0 checkpoint at the same seed, its
-warm-started Qwen2, converted for this experiment's MLA group by the driver; ``scripts/run_ablation.py`` sets
-``model.path`` per seed, ``step0_policy``).
+warm-started Qwen2, converted for this experiment's MLA group by the driver, or taken as it is by a
+``baseline`` group -- the arm's control, the same recovery steps without a conversion;
+``scripts/run_ablation.py`` sets ``model.path`` per seed, ``step0_policy``).
 
 Overrides apply as on the driver's command line, except that a dict-valued field (``model.overrides``,
 ``data.task``) is merged into the preset's dict: an experiment names only what it changes. Each experiment's
@@ -40,6 +41,9 @@ ENTRY_KEYS = ("description", "group", "overrides", "base", "extends", "requires_
               "retrofit_from")
 INHERITED = ("group", "base", "requires_group", "requires_option", "retrofit_from")  # what extends passes on
 RUN_FIELDS = ("logging.run_dir", "trainer.seed", "data.seed")  # set for each run by scripts/run_ablation.py
+# What a retrofit experiment's group may be: an MLA group the checkpoint is converted to, or the baseline itself
+# (the checkpoint continued as it is: the same recovery steps with no conversion, the arm's control).
+RETROFIT_GROUPS = ("baseline", *convert.GROUPS)
 SOURCE_PLACEHOLDER = "OUTPUT_DIR"  # stands for the study's output directory in a retrofit run's model.path
 
 
@@ -214,9 +218,12 @@ def _check_source(name: str, flat: dict, source: Experiment | None) -> str | Non
     if source.group != "baseline":
         raise ValueError(f"experiment {name!r}: retrofit_from={source.name!r} is of group {source.group!r}; the "
                          "source of a retrofit must be a baseline experiment (a Qwen2, models.convert's input)")
-    if flat["group"] not in convert.GROUPS:
+    if flat["group"] not in RETROFIT_GROUPS:
         raise ValueError(f"experiment {name!r}: group={flat['group']!r} has no retrofit; a retrofit experiment "
-                         f"must be one of {list(convert.GROUPS)}")
+                         f"must be one of {list(RETROFIT_GROUPS)}")
+    if flat["group"] == "baseline" and any(o.startswith("model.") for o in flat["overrides"]):
+        raise ValueError(f"experiment {name!r}: a baseline retrofit continues {source.name!r}'s checkpoint as it is "
+                         "(the driver loads its config), so model.* overrides would not apply; remove them")
     if any(o.startswith("model.path=") for o in flat["overrides"]):
         raise ValueError(f"experiment {name!r}: overrides set model.path, which retrofit_from={source.name!r} "
                          "sets for each run (the source run's step-0 checkpoint); remove it")
@@ -345,6 +352,8 @@ def retrofit_preview(experiment: Experiment, seed: int | None = None) -> torch.n
     extra = [] if seed is None else [f"trainer.seed={seed}"]
     source, _ = build_model_and_tokenizer(experiment.source.config(extra))
     cfg = experiment.config([experiment.placeholder_path(), *extra]).model
+    if cfg.group == "baseline":
+        return source  # continued as it is, as the driver loads a Qwen2 checkpoint for the baseline
     return convert.convert_model(source, cfg.group, cfg.retrofit_kv_lora_rank, cfg.retrofit_qk_rope_head_dim,
                                  **cfg.overrides)
 

@@ -12,7 +12,7 @@ is the same problem.
 Runs with passed_warm_start=False are left out of every mean and comparison and listed as excluded. Contrasts
 pair runs by seed (only the seeds both experiments have). The pre-registered contrasts (``rl.stats.PREREGISTERED``)
 form one Holm family; every other experiment against the main one is exploratory (Benjamini-Hochberg).
-The retrofit arm (``rl.stats.RETROFIT_ARM``: MLA groups converted from the baseline's checkpoint) has its own
+The retrofit arm (``rl.stats.RETROFIT_ARM``: the baseline's checkpoint converted per MLA group or continued) has its own
 planned family (``rl.stats.RETROFIT_CONTRASTS``, Holm) and its own exploratory contrasts (BH): the arm's main
 experiment against the arm's others and the baseline it was converted from. The two arms are never compared
 with each other (a converted model against one trained from scratch answers no question the study asks).

@@ -260,7 +260,7 @@ def test_real_runs_finish_a_failure_is_reported_and_a_rerun_skips(tmp_path):
 
 # ---- the retrofit arm -------------------------------------------------------------------------------------
 
-RETROFITS = ["retrofit_mla_only", "retrofit_mla_lru_fixed", "retrofit_mla_lru_adaptive"]
+RETROFITS = ["retrofit_baseline", "retrofit_mla_only", "retrofit_mla_lru_fixed", "retrofit_mla_lru_adaptive"]
 
 
 def test_retrofit_runs_start_from_their_source_step0_checkpoint_after_it(tmp_path):
@@ -345,6 +345,7 @@ def test_dry_run_lists_the_retrofit_arm_from_the_converted_model(capsys):
         assert row["flops_per_token"] == param_count.flops_per_token(model.config)
         # The conversion keeps GQA's cache: C + R = 2GD = 2 x 2 x 32 per layer (models/convert.py defaults).
         assert row["cache_bytes_per_token"] == rows["baseline"]["cache_bytes_per_token"] == 4 * 128 * 4
+    assert rows["retrofit_baseline"]["parameters"] == rows["baseline"]["parameters"]  # continued, not converted
     assert rows["retrofit_mla_lru_adaptive"]["global_halting"] == 0.5
     assert rows["retrofit_mla_lru_fixed"]["halting"] == "fixed" and rows["retrofit_mla_only"]["lru_layers"] == 0
     assert ablation.main(["--dry-run", "--experiments", "retrofit_mla_only"]) == 0

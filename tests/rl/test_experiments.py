@@ -32,7 +32,7 @@ STUDY = ["baseline", "baseline_matched", "mla_only", "mla_lru_fixed", "mla_lru_a
          "mla_lru_iter_16", "mla_lru_no_stability", "mla_lru_high_stability", "mla_lru_no_ponder",
          "mla_lru_high_ponder", "mla_lru_ce_only"]  # the reference study's 17
 CONTROLS = ["mla_only_matched", "looped"]  # pre-registered controls (rl.stats.PREREGISTERED)
-RETROFITS = {"retrofit_mla_only": "mla_only", "retrofit_mla_lru_fixed": "mla_lru_fixed",
+RETROFITS = {"retrofit_baseline": "baseline", "retrofit_mla_only": "mla_only", "retrofit_mla_lru_fixed": "mla_lru_fixed",
              "retrofit_mla_lru_adaptive": "mla_lru_adaptive"}  # the retrofit arm (rl.stats.RETROFIT_CONTRASTS)
 AUX = ("lru_stability_weight", "lru_sparsity_weight", "lru_ponder_weight")
 # What each ablation of the main experiment changes in its model's config, and nothing else.
@@ -293,6 +293,10 @@ def test_each_retrofit_experiment_trains_what_its_name_says(experiments, saved_b
         cfg = experiments[name].config([f"model.path={path}", f"logging.run_dir={tmp_path / name}"])
         built[name], _ = build_model_and_tokenizer(cfg)
         model = built[name]
+        if group == "baseline":  # the control: the source's Qwen2 as it is, no conversion
+            assert type(model) is type(source) and not (tmp_path / name / "retrofit").exists()
+            assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
+            continue
         assert isinstance(model, models.LatentReasoningForCausalLM), name
         assert (tmp_path / name / "retrofit" / "convert_info.json").is_file()
         for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
@@ -308,6 +312,7 @@ def test_each_retrofit_experiment_trains_what_its_name_says(experiments, saved_b
     logits = {name: forward(model.eval()).logits for name, model in built.items()}
     for name in ("retrofit_mla_lru_fixed", "retrofit_mla_lru_adaptive"):
         assert torch.equal(logits[name], logits["retrofit_mla_only"]), name  # the LRU starts as a no-op
+    assert torch.equal(logits["retrofit_baseline"], forward(source.eval()).logits)
 
 
 def retrofit_file(tmp_path, entry: str, extra: str = "") -> Path:
@@ -322,9 +327,10 @@ def retrofit_file(tmp_path, entry: str, extra: str = "") -> Path:
     ("{description: x, group: mla_only, retrofit_from: [src]}", r"experiment 'bad': retrofit_from must be a string"),
     ("{description: x, group: mla_only, retrofit_from: mla}",
      r"experiment 'bad': retrofit_from='mla' is of group 'mla_only'; the source of a retrofit must be a baseline"),
-    ("{description: x, group: baseline, retrofit_from: src}",
-     r"experiment 'bad': group='baseline' has no retrofit; a retrofit experiment must be one of \['mla_only'"),
-    ("{description: x, group: mla_only_matched, retrofit_from: src}", r"group='mla_only_matched' has no retrofit"),
+    ("{description: x, group: baseline, retrofit_from: src, overrides: ['model.overrides={hidden_size: 32}']}",
+     r"experiment 'bad': a baseline retrofit continues 'src'.s checkpoint as it is .*remove them"),
+    ("{description: x, group: mla_only_matched, retrofit_from: src}",
+     r"group='mla_only_matched' has no retrofit; a retrofit experiment must be one of \['baseline', 'mla_only'"),
     ("{description: x, group: mla_only, retrofit_from: src, overrides: [model.path=/x]}",
      r"experiment 'bad': overrides set model.path, which retrofit_from='src' sets for each run"),
     ("{description: x, group: mla_only, retrofit_from: src, overrides: [data.eval_size=3]}",

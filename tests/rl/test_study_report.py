@@ -183,7 +183,7 @@ def test_figures_without_iterations_and_with_only_excluded_runs(tmp_path):
 
 # ---- the retrofit arm -------------------------------------------------------------------------------------
 
-RETROFIT = {"retrofit_mla_only": 0.49, "retrofit_mla_lru_fixed": 0.52, "retrofit_mla_lru_adaptive": 0.55}
+RETROFIT = {"retrofit_baseline": 0.5, "retrofit_mla_only": 0.49, "retrofit_mla_lru_fixed": 0.52, "retrofit_mla_lru_adaptive": 0.55}
 
 
 def retrofit_runs(seeds: range = range(5)) -> list[dict]:
@@ -205,17 +205,18 @@ def test_the_retrofit_family_is_its_own_holm_family_and_the_main_one_is_unchange
     rows = study["retrofit"]
     assert [(r["experiment_a"], r["experiment_b"]) for r in rows] == [
         ("retrofit_mla_lru_adaptive", "retrofit_mla_only"), ("retrofit_mla_lru_fixed", "retrofit_mla_only"),
-        ("retrofit_mla_only", "baseline")]
+        ("retrofit_mla_only", "retrofit_baseline")]
     assert all(r["family"] == "retrofit" and r["status"] == "run" and r["adjustment"] == "holm over 3 tests"
                for r in rows)
     assert [r["p_adjusted"] for r in rows] == pytest.approx(stats.adjust_pvalues([r["p"] for r in rows], "holm"))
     a = values(runs + retrofit_runs(), "retrofit_mla_only", "acc", list(range(5)))
-    b = values(runs, "baseline", "acc", list(range(5)))
+    b = values(retrofit_runs(), "retrofit_baseline", "acc", list(range(5)))
     assert rows[2]["mean_diff"] == pytest.approx(np.mean(a - b)) and rows[2]["p"] == stats.compare_paired(a, b).p
     # Exploratory: the arm's main against the arm's others and its source, not the planned pair; never across arms.
     explore = study["retrofit_exploratory"]
     assert [(r["experiment_a"], r["experiment_b"]) for r in explore] == [
-        ("retrofit_mla_lru_adaptive", "baseline"), ("retrofit_mla_lru_adaptive", "retrofit_mla_lru_fixed")]
+        ("retrofit_mla_lru_adaptive", "baseline"), ("retrofit_mla_lru_adaptive", "retrofit_baseline"),
+        ("retrofit_mla_lru_adaptive", "retrofit_mla_lru_fixed")]
     assert not any(r["experiment_b"].startswith("retrofit_") for r in study["exploratory"])
     md = report.to_markdown(study)
     assert "## Retrofit arm: pre-registered contrasts" in md and "Holm over these 3 planned tests" in md
