@@ -152,11 +152,22 @@ def read_metrics(run_dir: Path, file: str = METRICS_FILE) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
 
 
+def _cpu_model() -> str | None:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        import platform
+        return platform.processor() or None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+
+
 def run_info(model, group: str) -> dict:
     """What a run trained, recorded beside its config: architecture, parameter count, code and packages."""
     import importlib.metadata
     import platform
     import subprocess
+
+    import torch
 
     def version(package: str) -> str | None:
         try:
@@ -180,4 +191,7 @@ def run_info(model, group: str) -> dict:
             "cache_bytes_per_token": cache_bytes_per_token(model.config, next(model.parameters()).dtype),
             "git_commit": commit, "git_dirty": bool(git("status", "--porcelain")) if commit else None,
             "python": platform.python_version(),
+            # Floating-point results follow the kernels torch picks for this CPU: two machines with another
+            # capability (AVX2, AVX512) give runs that drift apart after a few hundred steps.
+            "cpu": {"model": _cpu_model(), "capability": torch.backends.cpu.get_cpu_capability()},
             "packages": {p: version(p) for p in ("torch", "transformers", "ray", "numpy", "pyarrow", "wandb")}}

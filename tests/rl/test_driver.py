@@ -57,6 +57,7 @@ def test_run_writes_checkpoints_metrics_and_syncs_weights(tmp_path):
     assert ray.get(r.workers[0].weights_checksum.remote()) == trainer_sum  # the pushed weights are the trainer's
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert info["model_type"] == "mla_lru" and info["parameters"] > 0 and info["packages"]["torch"] == torch.__version__
+    assert info["cpu"]["capability"] == torch.backends.cpu.get_cpu_capability()  # the kernels results depend on
     evals = sorted(p.name for p in (tmp_path / "evals").iterdir())
     assert evals == ["step_000000.json", "step_000002.json"]
     final = json.loads((tmp_path / "evals" / "step_000002.json").read_text())
