@@ -274,7 +274,8 @@ def _sections(study: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
             "not confirmatory; the retrofit arm is left out.", CONTRAST_HEADER,
             [contrast_cells(r) for r in study["exploratory"]]),
            ("Retrofit arm: pre-registered contrasts", f"Every MLA group converted from the baseline's warm-started "
-            f"checkpoint of the same seed, then a recovery fine-tune and PPO. Holm over these "
+            f"checkpoint of the same seed, then a recovery fine-tune and PPO; retrofit_baseline is that checkpoint "
+            f"continued without a conversion, for the same steps. Holm over these "
             f"{len(study['retrofit'])} planned tests, a family of their own (a test not run counts as p = 1).",
             CONTRAST_HEADER, [contrast_cells(r) for r in study["retrofit"]]),
            (f"Retrofit arm: exploratory contrasts vs {stats.RETROFIT_MAIN}", "Within the arm and against its source "
