@@ -176,8 +176,11 @@ def test_save_load_round_trip_through_auto_classes(overrides, tmp_path):
     ids, mask, positions = left_padded_batch()
     inputs = dict(attention_mask=mask, position_ids=positions)
     with torch.no_grad():
-        assert torch.equal(loaded(ids, **inputs).logits, model(ids, **inputs).logits)
-        assert torch.equal(backbone(ids, **inputs).last_hidden_state, model.model(ids, **inputs).last_hidden_state)
+        # Loaded weights sit at other memory alignments, so CPU kernels may round differently: close, not equal.
+        close = dict(rtol=0, atol=1e-6)
+        torch.testing.assert_close(loaded(ids, **inputs).logits, model(ids, **inputs).logits, **close)
+        torch.testing.assert_close(backbone(ids, **inputs).last_hidden_state,
+                                   model.model(ids, **inputs).last_hidden_state, **close)
 
 
 @pytest.mark.parametrize("overrides", [{}, CONVERGE], ids=["fixed", "converge"])

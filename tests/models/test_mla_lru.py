@@ -495,8 +495,11 @@ def test_auto_model_is_the_backbone_and_round_trips(group, overrides, tmp_path):
     ids, mask, positions = left_padded_batch()
     inputs = dict(attention_mask=mask, position_ids=positions)
     with torch.no_grad():
-        assert torch.equal(loaded(ids, **inputs).last_hidden_state, base(ids, **inputs).last_hidden_state)
-        assert torch.equal(backbone.eval()(ids, **inputs).last_hidden_state, lm.model(ids, **inputs).last_hidden_state)
+        # Loaded weights sit at other memory alignments, so CPU kernels may round differently: close, not equal.
+        close = dict(rtol=0, atol=1e-6)
+        torch.testing.assert_close(loaded(ids, **inputs).last_hidden_state, base(ids, **inputs).last_hidden_state, **close)
+        torch.testing.assert_close(backbone.eval()(ids, **inputs).last_hidden_state,
+                                   lm.model(ids, **inputs).last_hidden_state, **close)
 
 
 def test_stability_term_penalises_growing_updates_only():

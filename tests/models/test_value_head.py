@@ -27,8 +27,13 @@ def test_values_per_token_gradients_and_round_trip(group, tmp_path):
     assert critic.lm.lm_head.weight.grad is not None  # tied to the embeddings, which the backbone uses
     critic.save_pretrained(tmp_path)
     loaded = ValueHeadModel.from_pretrained(tmp_path)
+    saved, restored = critic.state_dict(), loaded.state_dict()
+    assert saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)  # bit-exact
     with torch.no_grad():
-        assert torch.equal(loaded(ids, attention_mask=mask).values, critic(ids, attention_mask=mask).values)
+        # Equal weights, but the loaded ones sit at other memory alignments (safetensors), so the CPU kernels may
+        # split a reduction differently: outputs agree to float rounding (1.5e-8 seen), not bit for bit.
+        torch.testing.assert_close(loaded(ids, attention_mask=mask).values, critic(ids, attention_mask=mask).values,
+                                   rtol=0, atol=1e-6)
 
 
 def test_fresh_head_when_only_an_lm_checkpoint_exists(tmp_path):
