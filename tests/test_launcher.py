@@ -26,6 +26,7 @@ def launch(*args, **env):
                                             "PYTHON": sys.executable, **env})
 
 
+@pytest.mark.slow  # resume itself is also tested in tests/rl/test_driver.py, in the default run
 @pytest.mark.timeout(600)
 def test_launcher_trains_a_group_and_resumes(tmp_path):
     result = launch("mla_only", *BUDGET, OUTPUT_DIR=str(tmp_path), EXPERIMENT_NAME="smoke")
