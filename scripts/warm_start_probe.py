@@ -5,8 +5,9 @@ variants of it (model or trainer overrides), without Ray, rollouts or evaluation
         --variant default --variant 'no_latent_norm:model.overrides={kv_latent_norm: false}' --out probe.json
 
 Each variant is ``name`` or ``name:override;override;...`` (the driver's ``section.field=value``, applied after
-the experiment's own; ``;`` separates them, since a YAML value may hold spaces). The model, the data stream and the optimizer are the run's (``rl.driver``'s
-``build_model_and_tokenizer``, ``PromptSource`` at ``data.seed``, ``rl.sft``), so the default variant
+the experiment's own; ``;`` separates them, since a YAML value may hold spaces). The model, the data stream and
+the optimizer are the run's (``rl.driver``'s ``build_model_and_tokenizer``, ``PromptSource`` at ``data.seed``,
+``rl.sft``), so the default variant
 reproduces the run's ``warm_start.jsonl`` losses: the check that a variant differs by its override only.
 Prints the loss averaged over the 25 steps up to each report step and writes every step's loss to ``--out``.
 """
@@ -83,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
                          "seconds": time.perf_counter() - start}
         print(name, " ".join(f"{s}:{v:.3f}" for s, v in results[name]["smoothed"].items()), flush=True)
         if args.out:  # after each variant: a long probe that is stopped keeps what it finished
-            args.out.write_text(json.dumps({"experiment": args.experiment, "base": args.base, "seed": args.seed,
-                                            "steps": args.steps, "variants": results}))
+            partial = args.out.with_name(args.out.name + ".tmp")  # written whole, then renamed: never half a file
+            partial.write_text(json.dumps({"experiment": args.experiment, "base": args.base, "seed": args.seed,
+                                           "steps": args.steps, "variants": results}))
+            partial.replace(args.out)
     return 0
 
 

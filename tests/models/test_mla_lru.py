@@ -497,7 +497,8 @@ def test_auto_model_is_the_backbone_and_round_trips(group, overrides, tmp_path):
     with torch.no_grad():
         # Loaded weights sit at other memory alignments, so CPU kernels may round differently: close, not equal.
         close = dict(rtol=0, atol=1e-6)
-        torch.testing.assert_close(loaded(ids, **inputs).last_hidden_state, base(ids, **inputs).last_hidden_state, **close)
+        torch.testing.assert_close(loaded(ids, **inputs).last_hidden_state,
+                                   base(ids, **inputs).last_hidden_state, **close)
         torch.testing.assert_close(backbone.eval()(ids, **inputs).last_hidden_state,
                                    lm.model(ids, **inputs).last_hidden_state, **close)
 

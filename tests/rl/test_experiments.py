@@ -32,8 +32,9 @@ STUDY = ["baseline", "baseline_matched", "mla_only", "mla_lru_fixed", "mla_lru_a
          "mla_lru_iter_16", "mla_lru_no_stability", "mla_lru_high_stability", "mla_lru_no_ponder",
          "mla_lru_high_ponder", "mla_lru_ce_only"]  # the reference study's 17
 CONTROLS = ["mla_only_matched", "looped"]  # pre-registered controls (rl.stats.PREREGISTERED)
-RETROFITS = {"retrofit_baseline": "baseline", "retrofit_mla_only": "mla_only", "retrofit_mla_lru_fixed": "mla_lru_fixed",
-             "retrofit_mla_lru_adaptive": "mla_lru_adaptive"}  # the retrofit arm (rl.stats.RETROFIT_CONTRASTS)
+# the retrofit arm (rl.stats.RETROFIT_CONTRASTS)
+RETROFITS = {"retrofit_baseline": "baseline", "retrofit_mla_only": "mla_only",
+             "retrofit_mla_lru_fixed": "mla_lru_fixed", "retrofit_mla_lru_adaptive": "mla_lru_adaptive"}
 AUX = ("lru_stability_weight", "lru_sparsity_weight", "lru_ponder_weight")
 # What each ablation of the main experiment changes in its model's config, and nothing else.
 ABLATIONS = {"mla_lru_no_pos_mix": {"lru_conv_kernel": 1}, "mla_lru_no_global_halt": {"lru_global_halting": 0.0},
@@ -295,7 +296,8 @@ def test_each_retrofit_experiment_trains_what_its_name_says(experiments, saved_b
         model = built[name]
         if group == "baseline":  # the control: the source's Qwen2 as it is, no conversion
             assert type(model) is type(source) and not (tmp_path / name / "retrofit").exists()
-            assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
+            converted, original = model.state_dict(), source.state_dict()
+            assert converted.keys() == original.keys() and all(torch.equal(converted[k], original[k]) for k in original)
             continue
         assert isinstance(model, models.LatentReasoningForCausalLM), name
         assert (tmp_path / name / "retrofit" / "convert_info.json").is_file()

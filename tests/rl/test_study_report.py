@@ -183,7 +183,8 @@ def test_figures_without_iterations_and_with_only_excluded_runs(tmp_path):
 
 # ---- the retrofit arm -------------------------------------------------------------------------------------
 
-RETROFIT = {"retrofit_baseline": 0.5, "retrofit_mla_only": 0.49, "retrofit_mla_lru_fixed": 0.52, "retrofit_mla_lru_adaptive": 0.55}
+RETROFIT = {"retrofit_baseline": 0.5, "retrofit_mla_only": 0.49, "retrofit_mla_lru_fixed": 0.52,
+            "retrofit_mla_lru_adaptive": 0.55}
 
 
 def retrofit_runs(seeds: range = range(5)) -> list[dict]:
