@@ -5,9 +5,9 @@
 
 ``runs`` has one dict per run: {"experiment": str, "seed": int, "passed_warm_start": bool, "metrics": {"acc":
 float, "acc_by_steps": {"2": float, ...}, "iterations_mean": float | None, "iterations_by_steps": {...},
-"wall_s": float, ...}}. ``problems`` (optional) has one dict per problem and run: {"experiment", "seed",
-"problem_key", "correct", "num_steps"}; ``problem_key`` names the problem itself, so the same key in two runs
-is the same problem.
+"wall_s": float, optionally "warm_start_loss" and "acc_before_ppo" for the table of runs, ...}}. ``problems``
+(optional) has one dict per problem and run: {"experiment", "seed", "problem_key", "correct", "num_steps"};
+``problem_key`` names the problem itself, so the same key in two runs is the same problem.
 
 Runs with passed_warm_start=False are left out of every mean and comparison and listed as excluded. Contrasts
 pair runs by seed (only the seeds both experiments have). The pre-registered contrasts (``rl.stats.PREREGISTERED``)
@@ -35,6 +35,7 @@ from rl import stats
 
 MAIN = "mla_lru_adaptive"  # the proposed model: exploratory contrasts compare every other experiment with it
 METRICS = ("acc", "iterations_mean", "wall_s")  # per-experiment summary columns
+RUN_METRICS = ("warm_start_loss", "acc_before_ppo")  # optional, shown per run only (the table of runs)
 EXPLORATORY_METRICS = ("acc",)
 ALPHA = 0.05
 LABELS = {"acc": "accuracy", "iterations_mean": "LRU iterations", "wall_s": "wall s"}
@@ -54,7 +55,7 @@ def validate_runs(runs: list[dict]) -> None:
         if key in seen:
             raise ValueError(f"two runs of experiment {key[0]!r} with seed {key[1]}: pairing by seed needs one each")
         seen.add(key)
-        for name in METRICS:
+        for name in METRICS + RUN_METRICS:
             value = run["metrics"].get(name)
             number = isinstance(value, int | float) and math.isfinite(value)
             if (name == "acc" and not number) or (value is not None and not number):
@@ -78,6 +79,13 @@ def seed_scores(runs: list[dict], metric: str) -> dict[str, dict[int, float]]:
         if r["metrics"].get(metric) is not None:
             out[r["experiment"]][r["seed"]] = float(r["metrics"][metric])
     return out
+
+
+def run_rows(runs: list[dict]) -> list[dict]:
+    """Every run, excluded ones too, in (experiment, seed) order: what each one did before any averaging."""
+    return [{"experiment": r["experiment"], "seed": r["seed"], "passed_warm_start": r["passed_warm_start"],
+             **{m: r["metrics"].get(m) for m in RUN_METRICS + METRICS}}
+            for r in sorted(runs, key=lambda r: (r["experiment"], r["seed"]))]
 
 
 def summarize_experiments(runs: list[dict]) -> list[dict]:
@@ -202,7 +210,7 @@ def build_study(runs: list[dict], problems: list[dict] | None = None, main: str 
              "experiments": summarize_experiments(kept), "preregistered": preregistered_contrasts(kept),
              "exploratory": exploratory_contrasts(kept, main), "retrofit": retrofit_contrasts(kept),
              "retrofit_exploratory": exploratory_contrasts(kept, stats.RETROFIT_MAIN, retrofit=True),
-             "problem_level": None}
+             "problem_level": None, "runs": run_rows(runs)}
     if problems:
         study["problem_level"] = problem_level(problems, kept)
     return study
@@ -261,6 +269,16 @@ def problem_cells(row: dict) -> list[str]:
 PROBLEM_HEADER = ["contrast", "a - b", "log-odds ratio [95% CI]", "p", "seeds / problems", "note"]
 
 
+def run_cells(row: dict) -> list[str]:
+    return [row["experiment"], str(row["seed"]), "yes" if row["passed_warm_start"] else "no",
+            _num(row["warm_start_loss"]), _num(row["acc_before_ppo"]), _num(row["acc"]),
+            _num(row["iterations_mean"], ".2f"), _num(row["wall_s"], ".0f")]
+
+
+RUN_HEADER = ["experiment", "seed", "passed warm start", "warm-start loss", "accuracy after warm start",
+              "accuracy after PPO", "LRU iterations", "wall s"]
+
+
 def _sections(study: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
     """(title, caption, header, rows) of each table, shared by the markdown and LaTeX writers."""
     m = len(study["preregistered"])
@@ -285,6 +303,9 @@ def _sections(study: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
         out.append(("Problem level (GEE, complement)", "Logit of per-problem correctness, exchangeable within "
                     "seed; the seed remains the unit of replication.", PROBLEM_HEADER,
                     [problem_cells(r) for r in study["problem_level"]["contrasts"]]))
+    out.append(("Runs", "Every run, excluded ones included, before any averaging. Accuracy is greedy, on the test "
+                "split; the warm-start loss is the one its criterion reads.", RUN_HEADER,
+                [run_cells(r) for r in study["runs"]]))
     return out
 
 

@@ -384,7 +384,9 @@ def run_record(run_dir: Path, experiment: str, seed: int) -> tuple[dict | None, 
     test = records[ACC_SPLIT]
     run = {"experiment": experiment, "seed": seed, "passed_warm_start": True if passed is None else bool(passed),
            "metrics": {"acc": float(np.mean(test["acc"])), "acc_by_steps": by_steps(records),
-                       "iterations_mean": summary.get("lru_iterations_mean"), "wall_s": outcome.get("wall_s")}}
+                       "iterations_mean": summary.get("lru_iterations_mean"), "wall_s": outcome.get("wall_s"),
+                       "warm_start_loss": summary.get("warm_start_loss_last"),
+                       "acc_before_ppo": (summary.get("heldout_before_ppo") or {}).get(f"{ACC_SPLIT}/acc")}}
     problems = [{"experiment": experiment, "seed": seed, "problem_key": key, "correct": float(acc),
                  "num_steps": int(steps)} for key, acc, steps in zip(test["key"], test["acc"], test["num_steps"],
                                                                        strict=True)]

@@ -70,7 +70,8 @@ def fake_run(root: Path, experiment: str, seed: int, test_acc: list[float], pass
     """A finished run directory as the driver and this script leave it."""
     run_dir = root / experiment / f"seed_{seed}"
     (run_dir / "evals").mkdir(parents=True)
-    summary = {"steps": 2, "lru_iterations_mean": 2.5 if "lru" in experiment else None}
+    summary = {"steps": 2, "lru_iterations_mean": 2.5 if "lru" in experiment else None,
+               "warm_start_loss_last": 0.12, "heldout_before_ppo": {"test/acc": 0.5, "validation/acc": 0.25}}
     if passed is not None:
         summary["warm_start_passed"] = passed
     (run_dir / "summary.json").write_text(json.dumps(summary))
@@ -91,7 +92,7 @@ def test_run_records_come_from_the_last_test_evaluation(tmp_path):
     run, problems, notes = ablation.run_record(run_dir, "mla_lru_fixed", 3)
     # step 2's test split (step 3 holds validation only): 3 of 4 right; steps 1: [1, 1], 2: [0, 1], 3: [1, 0]
     assert run["metrics"] == {"acc": 0.75, "acc_by_steps": {"1": 1.0, "2": 0.5, "3": 0.5}, "iterations_mean": 2.5,
-                              "wall_s": None}
+                              "wall_s": None, "warm_start_loss": 0.12, "acc_before_ppo": 0.5}
     assert run["passed_warm_start"] is True
     assert any("no warm_start_passed" in n for n in notes) and any("wall_s n/a" in n for n in notes)
     assert problems[1] == {"experiment": "mla_lru_fixed", "seed": 3, "problem_key": 101, "correct": 0.0,

@@ -120,6 +120,22 @@ def test_pairing_is_by_shared_seed_and_independent_of_run_order():
     assert report.to_json(report.build_study(runs[::-1])) == report.to_json(study)
 
 
+def test_the_table_of_runs_lists_every_run_with_its_warm_start_excluded_ones_too():
+    runs = make_runs(range(2))
+    runs[0] = make_run("baseline", 0, passed=False, acc=0.05)
+    runs[0]["metrics"].update(warm_start_loss=0.41, acc_before_ppo=0.04)
+    study = report.build_study(list(reversed(runs)))  # listed in (experiment, seed) order whatever the input's
+    assert [(r["experiment"], r["seed"]) for r in study["runs"]] == sorted((e, s) for e in EXPERIMENTS for s in (0, 1))
+    assert study["runs"][0] == {"experiment": "baseline", "seed": 0, "passed_warm_start": False,
+                                "warm_start_loss": 0.41, "acc_before_ppo": 0.04, "acc": 0.05,
+                                "iterations_mean": None, "wall_s": 100.0}
+    markdown = report.to_markdown(study)
+    assert "| baseline | 0 | no | 0.410 | 0.040 | 0.050 | n/a | 100 |" in markdown
+    assert "| baseline | 1 | yes | n/a | n/a |" in markdown  # a run without the optional metrics
+    with pytest.raises(ValueError, match=r"metrics\['warm_start_loss'\] = inf"):
+        report.build_study([{**make_run("baseline", 0), "metrics": {"acc": 0.5, "warm_start_loss": float("inf")}}])
+
+
 def test_bad_tables_are_refused():
     runs = make_runs(range(2))
     with pytest.raises(ValueError, match="two runs of experiment 'baseline' with seed 0"):
