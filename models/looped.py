@@ -44,13 +44,12 @@ from transformers import GenerationMixin
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from transformers.utils import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from models.cache import GrowingCache
 from models.configuration import LatentReasoningConfig
-from models.modeling_mla_lru import DecoderLayer, LatentReasoningPreTrainedModel, RotaryEmbedding
+from models.modeling_mla_lru import LatentReasoningPreTrainedModel
 
 LOOP_HALTING = ("fixed", "converge")
 
@@ -170,28 +169,18 @@ class LoopedPreTrainedModel(LatentReasoningPreTrainedModel):
 class LoopedModel(LoopedPreTrainedModel):
     def __init__(self, config: LoopedConfig):
         super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config)
-        self.gradient_checkpointing = False
-        self.post_init()
+        self._build_backbone(config)
 
     @capture_outputs
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
                 use_cache=None, **kwargs) -> LoopedModelOutput:
         """``output_hidden_states`` gives one state per virtual layer (+1), ``output_attentions`` one (B, H, T, S)
         per virtual layer, both collected by transformers' hooks (``capture_outputs``)."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
         output_attentions = self._output_attentions(kwargs)
         kwargs.pop("output_hidden_states", None)  # collected by the hooks, not an attention argument
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
-        b, t, _ = x.shape
         cache = self._cache(use_cache, past_key_values)
-        past = cache.get_seq_length() if cache is not None else 0
-        if position_ids is None:
-            position_ids = (torch.arange(t, device=x.device) + past)[None]  # (1, T)
+        x, position_ids, _ = self._inputs(input_ids, inputs_embeds, position_ids, cache)
+        b, t, _ = x.shape
         valid = torch.ones(b, t, dtype=torch.bool, device=x.device)
         if attention_mask is not None and attention_mask.dim() == 2:
             valid = attention_mask[:, -t:].bool()  # (B, T)

@@ -307,6 +307,27 @@ class LatentReasoningPreTrainedModel(PreTrainedModel):
                              "use_reentrant=False")
         super().gradient_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
+    def _build_backbone(self, config: LatentReasoningConfig) -> None:
+        """The modules of a backbone, under the names its checkpoints use; shared by the backbones (this file's
+        and the looped control, which runs the same layers in another order)."""
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def _inputs(self, input_ids, inputs_embeds, position_ids, cache: Cache | None):
+        """A backbone forward's new tokens: (embeddings (B, T, d), position ids (1, T) unless given, the number of
+        tokens already in ``cache``)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = (torch.arange(x.shape[1], device=x.device) + past)[None]
+        return x, position_ids, past
+
     def _output_attentions(self, kwargs: dict) -> bool:
         """Whether to return attention weights (taken out of ``kwargs``: not an attention-function argument).
         Shared by the backbones (this one and the looped control)."""
@@ -321,28 +342,18 @@ class LatentReasoningPreTrainedModel(PreTrainedModel):
 class LatentReasoningModel(LatentReasoningPreTrainedModel):
     def __init__(self, config: LatentReasoningConfig):
         super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config)
-        self.gradient_checkpointing = False
-        self.post_init()
+        self._build_backbone(config)
 
     @capture_outputs
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
                 use_cache=None, lru_diagnostics: bool = True, **kwargs) -> LatentReasoningModelOutput:
         """As every transformers decoder, ``output_hidden_states`` (L+1 of (B, T, d), the last one normed),
         ``output_attentions`` (L of (B, H, T, S)) and ``return_dict`` are read by ``capture_outputs``."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
         output_attentions = self._output_attentions(kwargs)
         kwargs.pop("output_hidden_states", None)  # collected by the hooks, not an attention argument
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
-        b, t, _ = x.shape
         past_key_values = self._cache(use_cache, past_key_values)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if position_ids is None:
-            position_ids = (torch.arange(t, device=x.device) + past)[None]  # (1, T)
+        x, position_ids, past = self._inputs(input_ids, inputs_embeds, position_ids, past_key_values)
+        b, t, _ = x.shape
         valid = self._valid_positions(attention_mask, b, t, x.device)
         starts = sequence_starts(position_ids, attention_mask, past, b, t) if self.config.use_lru else None
         mask = self._attention_mask(x, attention_mask, past_key_values, position_ids, output_attentions)
