@@ -7,6 +7,7 @@ import copy
 import math
 import os
 
+import numpy as np
 import ray
 import torch
 from transformers import AutoModelForCausalLM
@@ -14,6 +15,7 @@ from transformers import AutoModelForCausalLM
 import models  # noqa: F401  (registers mla_lru with the Auto classes in every actor process)
 from models import ValueHeadModel
 from rl import checkpoint
+from rl.heldout import response_iterations
 from rl.reward_scorer import RewardRunner, ScoredBatch
 from rl.rollout import RolloutBatch, SamplingParams, TorchRolloutEngine, logprob_parity
 from rl.sft import sft_step, warm_start_optimizer
@@ -127,6 +129,10 @@ class TrainerWorker:
         # The rollout's logprobs against the trainer's (as verl logs them): drift between the backends shows.
         self.parity = {} if self.settings.old_logprobs_from_rollout else logprob_parity(
             rollout.logprobs, self.pending.old_logprobs.cpu(), rollout.response_mask)
+
+    def response_iterations(self, batch: RolloutBatch) -> np.ndarray | None:
+        """The policy's mean LRU iterations over each response's tokens (``rl.heldout``; None without an LRU)."""
+        return response_iterations(self.policy, _to(batch, self.device))
 
     def update(self, scores: list[float], seed: int) -> dict[str, float]:
         exp = self.trainer.add_scores(self.pending, torch.tensor(scores, device=self.device), self.pending_index)

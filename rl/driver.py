@@ -109,6 +109,7 @@ class Run:
             ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
                      **({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count() or 2}))
         weights, config, pad = model.state_dict(), model.config, self.tokenizer.pad_token_id
+        self.has_lru = bool(getattr(config, "use_lru", False))
         self._check_resources(device)
         gpu = {"num_gpus": 1} if device == "cuda" else {}
         settings = PPOSettings.from_config(cfg)
@@ -226,8 +227,10 @@ class Run:
         """Greedy and sampled accuracy on the held-out splits (``rl.heldout``, as ``python -m rl.evaluate``
         computes it): all of them, or with ``every_split=False`` the validation split alone when there is one
         (test is touched only before and after PPO). Each problem's results go to evals/step_N.json for the
-        paired tests (not for ``step=None``: an evaluation inside the warm start)."""
+        paired tests (not for ``step=None``: an evaluation inside the warm start), with each greedy response's
+        LRU iterations for a model with an LRU."""
         params = heldout_params(self.cfg.rollout, self.tokenizer.eos_token_id)
+        iterations = (lambda batch: ray.get(self.trainer.response_iterations.remote(batch))) if self.has_lru else None
         sets = self.data.eval_sets
         if not every_split and "validation" in sets:
             sets = {"validation": sets["validation"]}
@@ -235,7 +238,7 @@ class Run:
         for name, rows in sets.items():
             prompts = [encode_prompt(self.tokenizer, r, self.cfg.data.template) for r in rows]
             result = evaluate_split(name, rows, prompts, self.rollout, self.score, self.decode, params,
-                                    self.cfg.trainer.seed)
+                                    self.cfg.trainer.seed, iterations)
             out.update(split_metrics(name, rows, result))
             records[name] = split_record(rows, result)
         if step is None:

@@ -25,16 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
 from scipy.special import comb
 from scipy.stats import spearmanr
 from transformers import AutoModelForCausalLM
 
 from data.tokenizer import load_tokenizer
-from models import position_ids_from_mask
 from rl import checkpoint
 from rl.config import DataConfig, RewardConfig, RolloutConfig, load_config
-from rl.heldout import evaluate_split, heldout_params, sample_seeds, split_record
+from rl.heldout import evaluate_split, heldout_params, response_iterations, sample_seeds, split_record
 from rl.prompts import PromptSource, encode_prompt
 from rl.report import fmt
 from rl.reward_scorer import RewardRunner
@@ -91,20 +89,6 @@ def load_problem_sets(data_files: list[str], run_dir: Path | None, size: int | N
     return PromptSource(cfg.data, cfg.data.seed).eval_sets
 
 
-@torch.no_grad()
-def response_iterations(model, batch: RolloutBatch) -> np.ndarray | None:
-    """Mean LRU iterations over each response's tokens (averaged over LRU layers); None without an LRU."""
-    ids = torch.cat([batch.prompt_ids, batch.response_ids], 1)
-    mask = torch.cat([batch.prompt_mask, batch.response_mask.long()], 1)
-    out = model(ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
-    iterations = getattr(out, "lru_iterations", None)
-    if iterations is None:
-        return None
-    per_token = iterations.float().mean(0)[:, batch.prompt_ids.shape[1]:]  # (B, R)
-    response = batch.response_mask.float()
-    return (per_token * response).sum(1).div(response.sum(1).clamp(min=1)).numpy()
-
-
 def _breakdown(rows: list[dict], values: np.ndarray) -> dict[str, dict[str, float]]:
     out = {}
     for key in DIFFICULTY:
@@ -132,7 +116,8 @@ def evaluate_set(model, tokenizer, scorer: RewardRunner, name: str, rows: list[d
                             [r["reward_model"]["ground_truth"] for r in answered], [r["extra_info"] for r in answered])
 
     params = heldout_params(rollout, tokenizer.eos_token_id)
-    split = evaluate_split(name, rows, prompts, engine.generate, score, decode, params, seed)
+    split = evaluate_split(name, rows, prompts, engine.generate, score, decode, params, seed,
+                           iterations=lambda batch: response_iterations(model, batch))
     result = {"problems": len(rows), "greedy_acc": float(split.acc.mean()), "greedy_score": float(split.scores.mean()),
               "greedy_acc_by": _breakdown(rows, split.acc), "sampled_acc": float(split.acc_sampled.mean()),
               "response_length_mean": float(split.greedy.response_lengths.float().mean()),
@@ -144,13 +129,12 @@ def evaluate_set(model, tokenizer, scorer: RewardRunner, name: str, rows: list[d
         passes = np.array([pass_at_k(samples, int(c), k) for c in counts])
         result.update({"sampled_acc_mean": float(correct.mean()), f"pass@{k}": float(passes.mean()),
                        f"pass@{k}_by": _breakdown(rows, passes)})
-    result.update(_iterations(model, split.greedy, rows))
+    result.update(_iterations(split.lru_iterations, rows))
     return result
 
 
-def _iterations(model, greedy: RolloutBatch, rows: list[dict]) -> dict:
+def _iterations(iterations: np.ndarray | None, rows: list[dict]) -> dict:
     """LRU iterations per greedy response token, by difficulty, and their rank correlation with steps."""
-    iterations = response_iterations(model, greedy)
     if iterations is None:
         return {}
     out = {"lru_iterations_mean": float(iterations.mean()), "lru_iterations_by": _breakdown(rows, iterations)}

@@ -5,6 +5,7 @@
 
 ``runs`` has one dict per run: {"experiment": str, "seed": int, "passed_warm_start": bool, "metrics": {"acc":
 float, "acc_by_steps": {"2": float, ...}, "iterations_mean": float | None, "iterations_by_steps": {...},
+"iterations_steps_rho": float | None (Spearman's rho of a problem's LRU iterations against its steps, per run),
 "wall_s": float, optionally "warm_start_loss" and "acc_before_ppo" for the table of runs, ...}}. ``problems``
 (optional) has one dict per problem and run: {"experiment", "seed", "problem_key", "correct", "num_steps"};
 ``problem_key`` names the problem itself, so the same key in two runs is the same problem.
@@ -34,11 +35,12 @@ from matplotlib.figure import Figure
 from rl import stats
 
 MAIN = "mla_lru_adaptive"  # the proposed model: exploratory contrasts compare every other experiment with it
-METRICS = ("acc", "iterations_mean", "wall_s")  # per-experiment summary columns
+METRICS = ("acc", "iterations_mean", "iterations_steps_rho", "wall_s")  # per-experiment summary columns
 RUN_METRICS = ("warm_start_loss", "acc_before_ppo")  # optional, shown per run only (the table of runs)
 EXPLORATORY_METRICS = ("acc",)
 ALPHA = 0.05
-LABELS = {"acc": "accuracy", "iterations_mean": "LRU iterations", "wall_s": "wall s"}
+LABELS = {"acc": "accuracy", "iterations_mean": "LRU iterations", "iterations_steps_rho": "iterations-steps rho",
+          "wall_s": "wall s"}
 
 
 # ---- the table of runs ------------------------------------------------------------------------------------
@@ -272,11 +274,11 @@ PROBLEM_HEADER = ["contrast", "a - b", "log-odds ratio [95% CI]", "p", "seeds / 
 def run_cells(row: dict) -> list[str]:
     return [row["experiment"], str(row["seed"]), "yes" if row["passed_warm_start"] else "no",
             _num(row["warm_start_loss"]), _num(row["acc_before_ppo"]), _num(row["acc"]),
-            _num(row["iterations_mean"], ".2f"), _num(row["wall_s"], ".0f")]
+            _num(row["iterations_mean"], ".2f"), _num(row["iterations_steps_rho"], ".2f"), _num(row["wall_s"], ".0f")]
 
 
 RUN_HEADER = ["experiment", "seed", "passed warm start", "warm-start loss", "accuracy after warm start",
-              "accuracy after PPO", "LRU iterations", "wall s"]
+              "accuracy after PPO", "LRU iterations", "iterations-steps rho", "wall s"]
 
 
 def _sections(study: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
@@ -359,13 +360,30 @@ def last_test_eval(run_dir: Path) -> dict | None:
     return None
 
 
-def by_steps(records: dict) -> dict[str, float]:
-    """Greedy accuracy per number of reasoning steps over ``STEP_SPLITS``: {"2": acc, ...}."""
+def _pooled_steps(records: dict, field: str) -> list[tuple[int, float]]:
+    """(num_steps, value of ``field``) of every problem of ``STEP_SPLITS`` that has the field."""
+    return [(int(steps), float(value)) for split in STEP_SPLITS if field in records.get(split, {})
+            for steps, value in zip(records[split]["num_steps"], records[split][field], strict=True)]
+
+
+def by_steps(records: dict, field: str = "acc") -> dict[str, float] | None:
+    """Per-problem ``field`` (greedy accuracy, or LRU iterations) averaged per number of reasoning steps over
+    ``STEP_SPLITS``: {"2": mean, ...}; None when no problem has the field."""
     pooled: dict[int, list[float]] = {}
-    for split in (s for s in STEP_SPLITS if s in records):
-        for steps, acc in zip(records[split]["num_steps"], records[split]["acc"], strict=True):
-            pooled.setdefault(int(steps), []).append(float(acc))
-    return {str(k): float(np.mean(v)) for k, v in sorted(pooled.items())}
+    for steps, value in _pooled_steps(records, field):
+        pooled.setdefault(steps, []).append(value)
+    return {str(k): float(np.mean(v)) for k, v in sorted(pooled.items())} or None
+
+
+def iterations_steps_rho(records: dict) -> float | None:
+    """Spearman's rho between each problem's LRU iterations (per greedy response token) and its number of
+    steps, over ``STEP_SPLITS``: does halting spend more on harder problems? None without iterations in the
+    records, with one step count, or with iterations that never vary (fixed halting)."""
+    pairs = _pooled_steps(records, "lru_iterations")
+    steps, iterations = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+    if len(set(steps.tolist())) < 2 or np.ptp(iterations) == 0:
+        return None
+    return float(spearmanr(steps, iterations).statistic)
 
 
 def run_record(run_dir: Path, experiment: str, seed: int) -> tuple[dict | None, list[dict], list[str]]:
@@ -385,6 +403,8 @@ def run_record(run_dir: Path, experiment: str, seed: int) -> tuple[dict | None, 
     run = {"experiment": experiment, "seed": seed, "passed_warm_start": True if passed is None else bool(passed),
            "metrics": {"acc": float(np.mean(test["acc"])), "acc_by_steps": by_steps(records),
                        "iterations_mean": summary.get("lru_iterations_mean"), "wall_s": outcome.get("wall_s"),
+                       "iterations_by_steps": by_steps(records, "lru_iterations"),
+                       "iterations_steps_rho": iterations_steps_rho(records),
                        "warm_start_loss": summary.get("warm_start_loss_last"),
                        "acc_before_ppo": (summary.get("heldout_before_ppo") or {}).get(f"{ACC_SPLIT}/acc")}}
     problems = [{"experiment": experiment, "seed": seed, "problem_key": key, "correct": float(acc),

@@ -92,12 +92,28 @@ def test_run_records_come_from_the_last_test_evaluation(tmp_path):
     run, problems, notes = ablation.run_record(run_dir, "mla_lru_fixed", 3)
     # step 2's test split (step 3 holds validation only): 3 of 4 right; steps 1: [1, 1], 2: [0, 1], 3: [1, 0]
     assert run["metrics"] == {"acc": 0.75, "acc_by_steps": {"1": 1.0, "2": 0.5, "3": 0.5}, "iterations_mean": 2.5,
-                              "wall_s": None, "warm_start_loss": 0.12, "acc_before_ppo": 0.5}
+                              "wall_s": None, "warm_start_loss": 0.12, "acc_before_ppo": 0.5,
+                              "iterations_by_steps": None, "iterations_steps_rho": None}  # no lru_iterations kept
     assert run["passed_warm_start"] is True
     assert any("no warm_start_passed" in n for n in notes) and any("wall_s n/a" in n for n in notes)
     assert problems[1] == {"experiment": "mla_lru_fixed", "seed": 3, "problem_key": 101, "correct": 0.0,
                            "num_steps": 2}
     assert len(problems) == 4  # the test split only
+
+
+def test_iterations_against_steps_by_hand():
+    records = {"test": {"num_steps": [2, 2, 3], "lru_iterations": [1.0, 2.0, 3.0], "acc": [1.0, 0.0, 0.0]},
+               "test_more_steps": {"num_steps": [3], "lru_iterations": [4.0], "acc": [1.0]},
+               "test_more_vars": {"num_steps": [9], "lru_iterations": [0.0], "acc": [0.0]}}  # not a step split
+    assert ablation.by_steps(records, "lru_iterations") == {"2": 1.5, "3": 3.5}
+    assert ablation.by_steps(records) == {"2": 0.5, "3": 0.5}
+    # Spearman = Pearson on ranks. steps 2,2,3,3 -> ranks 1.5,1.5,3.5,3.5 (deviations -1,-1,1,1); iterations
+    # 1..4 -> ranks 1..4 (deviations -1.5,-0.5,0.5,1.5): 4 / sqrt(4 * 5) = 0.894427
+    assert ablation.iterations_steps_rho(records) == pytest.approx(4 / 20 ** 0.5)
+    fixed = {"test": {**records["test"], "lru_iterations": [4.0] * 3}, "test_more_steps": records["test_more_steps"]
+             | {"lru_iterations": [4.0]}}
+    assert ablation.iterations_steps_rho(fixed) is None  # iterations never vary: no rank correlation
+    assert ablation.iterations_steps_rho({"test": {"num_steps": [2], "acc": [1.0]}}) is None  # none recorded
 
 
 def test_report_only_writes_the_study_report(tmp_path, capsys):

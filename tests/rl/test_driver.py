@@ -63,6 +63,10 @@ def test_run_writes_checkpoints_metrics_and_syncs_weights(tmp_path):
     final = json.loads((tmp_path / "evals" / "step_000002.json").read_text())
     assert sum(final["test"]["acc"]) / len(final["test"]["acc"]) == pytest.approx(rows[2]["eval/test/acc"])
     assert final["test"]["key"] == [row["extra_info"]["key"] for row in r.data.eval_sets["test"]]
+    iterations = final["test"]["lru_iterations"]  # per greedy response token, for relating halting to difficulty
+    assert len(iterations) == len(final["test"]["acc"])
+    assert all(1.0 <= i <= 4 for i in iterations)  # the tiny preset's lru_max_iterations
+    assert sum(iterations) / len(iterations) == pytest.approx(rows[2]["eval/test/lru_iterations"])
     # The evaluation command on the run's last checkpoint reproduces what the run logged.
     assert evaluate_main([str(tmp_path), "--samples", "0", "--out", str(tmp_path / "eval.json"),
                           "--record", str(tmp_path / "record.json")]) == 0

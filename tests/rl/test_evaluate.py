@@ -82,3 +82,31 @@ def test_bad_paths_get_clear_errors(tmp_path, model_and_data, capsys):
     pq.write_table(pa.table({"question": ["1+1"]}), tmp_path / "other.parquet")
     with pytest.raises(ValueError, match=r"not a verl-schema problem file, missing columns \['data_source'"):
         load_problem_sets([str(tmp_path / "other.parquet")], None, None)
+
+
+def test_response_iterations_equal_each_response_alone(model_and_data):
+    """Chunked, left-padded and right-padded as the evaluation batches them, each response's mean iterations
+    equal the same prompt + response run alone (the reference: lru_iterations averaged by hand)."""
+    from rl.heldout import response_iterations
+    from rl.rollout import RolloutBatch
+
+    model = AutoModelForCausalLM.from_pretrained(model_and_data / "model").eval()
+    torch.manual_seed(1)
+    prompts = [torch.randint(5, 60, (n,)) for n in (3, 5, 4)]
+    responses = [torch.randint(5, 60, (n,)) for n in (2, 4, 1)]
+    P, R = max(map(len, prompts)), max(map(len, responses))
+    batch = RolloutBatch(
+        prompt_ids=torch.stack([torch.cat([torch.zeros(P - len(p), dtype=torch.long), p]) for p in prompts]),
+        prompt_mask=torch.stack([torch.cat([torch.zeros(P - len(p)), torch.ones(len(p))]).long() for p in prompts]),
+        response_ids=torch.stack([torch.cat([r, torch.zeros(R - len(r), dtype=torch.long)]) for r in responses]),
+        response_mask=torch.stack([torch.cat([torch.ones(len(r)), torch.zeros(R - len(r))]).bool()
+                                   for r in responses]),
+        logprobs=torch.zeros(3, R), prompt_index=torch.arange(3))
+    expected = []
+    for p, r in zip(prompts, responses, strict=True):
+        out = model(torch.cat([p, r])[None], use_cache=False)
+        expected.append(out.lru_iterations.float().mean(0)[0, len(p):].mean().item())  # (layers, 1, T) -> response
+    model.train()
+    assert response_iterations(model, batch, chunk=2) == pytest.approx(expected, abs=1e-6)
+    assert model.training  # the caller's mode is kept
+    assert response_iterations(model, batch) == pytest.approx(expected, abs=1e-6)

@@ -128,12 +128,31 @@ def test_the_table_of_runs_lists_every_run_with_its_warm_start_excluded_ones_too
     assert [(r["experiment"], r["seed"]) for r in study["runs"]] == sorted((e, s) for e in EXPERIMENTS for s in (0, 1))
     assert study["runs"][0] == {"experiment": "baseline", "seed": 0, "passed_warm_start": False,
                                 "warm_start_loss": 0.41, "acc_before_ppo": 0.04, "acc": 0.05,
-                                "iterations_mean": None, "wall_s": 100.0}
+                                "iterations_mean": None, "iterations_steps_rho": None, "wall_s": 100.0}
     markdown = report.to_markdown(study)
-    assert "| baseline | 0 | no | 0.410 | 0.040 | 0.050 | n/a | 100 |" in markdown
+    assert "| baseline | 0 | no | 0.410 | 0.040 | 0.050 | n/a | n/a | 100 |" in markdown
     assert "| baseline | 1 | yes | n/a | n/a |" in markdown  # a run without the optional metrics
     with pytest.raises(ValueError, match=r"metrics\['warm_start_loss'\] = inf"):
         report.build_study([{**make_run("baseline", 0), "metrics": {"acc": 0.5, "warm_start_loss": float("inf")}}])
+
+
+def test_iterations_steps_rho_is_summarised_over_seeds():
+    runs = make_runs(range(3))
+    rhos = {0: 0.10, 1: 0.30, 2: 0.20}
+    for r in runs:
+        if r["experiment"] == "mla_lru_adaptive":
+            r["metrics"]["iterations_steps_rho"] = rhos[r["seed"]]
+    study = report.build_study(runs)
+    (row,) = [e for e in study["experiments"] if e["experiment"] == "mla_lru_adaptive"]
+    expected = stats.mean_ci(np.array([0.10, 0.30, 0.20]))
+    assert row["iterations_steps_rho"]["estimate"] == pytest.approx(0.2)
+    assert row["iterations_steps_rho"]["low"] == pytest.approx(expected.low)
+    (fixed,) = [e for e in study["experiments"] if e["experiment"] == "mla_lru_fixed"]
+    assert fixed["iterations_steps_rho"] is None  # never recorded: n/a, not 0
+    markdown = report.to_markdown(study)
+    assert "iterations-steps rho mean [95% CI]" in markdown
+    assert f"| 0.200 [{expected.low:.3f}, {expected.high:.3f}] |" in markdown
+    assert "| mla_lru_adaptive | 1 | yes | n/a | n/a |" in markdown and " | 0.30 | " in markdown
 
 
 def test_bad_tables_are_refused():
