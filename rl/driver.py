@@ -349,14 +349,17 @@ class Run:
                       disable=not self.cfg.logging.progress) as bar:
                 for step in bar:
                     metrics = self.step(step)
-                    last = step == steps or self.stop_requested
+                    # Read the flag once: a signal that lands later in this step must not skip its save and
+                    # still break (it stops the run after the next step instead, saved).
+                    stopping = self.stop_requested
+                    last = step == steps or stopping
                     if step % self.cfg.trainer.eval_every == 0 or last:
                         metrics.update(self.evaluate_heldout(step, every_split=last))
                     self.logger.log(step, metrics)
                     bar.set_postfix(self._headline(metrics))
                     if step % self.cfg.trainer.save_every == 0 or last:
                         self.save(step)
-                    if self.stop_requested:
+                    if stopping:
                         break
         finally:
             for sig, handler in previous.items():

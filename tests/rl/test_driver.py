@@ -142,6 +142,24 @@ def test_interrupt_saves_a_resumable_checkpoint(tmp_path):
     assert "stopping after this step" in out
 
 
+def test_a_stop_arriving_while_a_step_is_logged_still_ends_on_a_saved_step(tmp_path):
+    """The signal lands after the step decided it was not the last (here: while step 1 is logged): the run
+    must not break there unsaved; it stops after the next step, evaluated and saved."""
+    r = run(tmp_path, "trainer.steps=10", "trainer.save_every=100", "trainer.eval_every=100")
+    log = r.logger.log
+
+    def log_then_signal(step, metrics, *args, **kwargs):
+        log(step, metrics, *args, **kwargs)
+        if step == 1:
+            r._request_stop(signal.SIGINT, None)
+
+    r.logger.log = log_then_signal
+    r.train()
+    last = read_metrics(tmp_path)[-1]["step"]
+    assert last == 2
+    assert (tmp_path / "checkpoints" / f"step_{last:06d}" / "COMPLETE").is_file()
+
+
 DIGITS_REWARD = '''
 def score(data_source, solution_str, ground_truth, extra_info=None):
     """A toy task on the causal-loop prompts: the share of digits in the response."""
